@@ -1,0 +1,75 @@
+"""Backends: one module per way of moving bytes, the same semantics each.
+
+Every backend module has ``name``, ``available() -> (bool, reason)`` and
+``run(plan, src_indices, dst_indices, *, sm_budget, num_warps, stream)``.
+``choose`` picks one for ``backend="auto"`` and says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+from ..plan import TransferPlan
+
+__all__ = ["NAMES", "get", "status", "choose"]
+
+log = logging.getLogger("hicache_kernels")
+
+# name -> module, in the order "auto" prefers them on a GPU
+_MODULES = {
+    "cuda": ".cuda",
+    "triton": ".triton_kernels",
+    "copy_engine": ".copy_engine",
+    "reference": ".reference",
+}
+NAMES = tuple(_MODULES)
+
+
+def get(name: str) -> ModuleType:
+    if name not in _MODULES:
+        raise ValueError(f"backend: expected 'auto' or one of {', '.join(NAMES)}, got {name!r}")
+    return importlib.import_module(_MODULES[name], __name__)
+
+
+def status() -> dict[str, tuple[bool, str]]:
+    """Each backend's availability on this machine, with the reason."""
+    return {n: get(n).available() for n in NAMES}
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def choose(plan: TransferPlan, requested: str = "auto") -> tuple[ModuleType, str]:
+    """The backend module for ``plan`` and a one-line reason."""
+    if requested != "auto":
+        module = get(requested)
+        ok, why = module.available()
+        if not ok:
+            raise RuntimeError(f"backend: {requested!r} is not available here: {why}")
+        return module, f"asked for {requested}"
+    if plan.device.type == "cuda":
+        module, reason = _choose_on_gpu(plan)
+    else:
+        triton_ok, _ = get("triton").available()
+        if triton_ok:
+            module, reason = get("triton"), "CPU tensors with TRITON_INTERPRET=1: Triton interpreter"
+        else:
+            module, reason = get("reference"), "CPU tensors: torch reference (kernels need a GPU)"
+    key = (module.name, reason)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("backend auto -> %s: %s", module.name, reason)
+    return module, reason
+
+
+def _choose_on_gpu(plan: TransferPlan) -> tuple[ModuleType, str]:
+    skipped = []
+    for name in ("cuda", "triton"):
+        ok, why = get(name).available()
+        if ok:
+            note = f" ({'; '.join(skipped)})" if skipped else ""
+            return get(name), f"{name} kernel on {plan.device}{note}"
+        skipped.append(f"{name} unavailable: {why}")
+    return get("reference"), "no kernel backend available: " + "; ".join(skipped)

@@ -1,0 +1,1 @@
+"""hicache-bench: the project's main job (``python -m hicache_kernels.bench``)."""

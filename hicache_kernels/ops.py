@@ -1,0 +1,224 @@
+"""The public transfer API: typed, checked at the boundary, backend chosen here.
+
+Every operation is a copy of items (token slots) between two
+:class:`~hicache_kernels.buffers.KVBuffer` s of any layouts, over one layer or
+a range of layers, K and V together (or MLA's single plane):
+
+=============================================  ================================================
+what                                           call
+=============================================  ================================================
+load one layer host -> device                  ``load_layer(host, dev, h_idx, d_idx, layer)``
+back up every layer device -> host             ``backup_all_layers(dev, host, d_idx, h_idx)``
+any per-layer copy, either way, any layouts    ``transfer(src, dst, s_idx, d_idx, layers=i)``
+any all-layer copy, either way, any layouts    ``transfer(src, dst, s_idx, d_idx)``
+the same, prepared once and called often       ``Transfer(src, dst, layers=...)(s_idx, d_idx)``
+=============================================  ================================================
+
+Bad input raises before anything is written, naming the argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import ModuleType
+
+import torch
+
+from . import backends
+from .buffers import KVBuffer
+from .nvtx_ranges import enabled as nvtx_enabled, nvtx_range
+from .plan import PlaneSet, TransferPlan
+
+__all__ = ["Transfer", "transfer", "load_layer", "backup_all_layers", "execute"]
+
+
+class Transfer:
+    """A transfer between two buffers over fixed layers, prepared once.
+
+    Resolves the backend, base-address tables and checks up front, so each
+    call only validates indices and launches.
+
+    Args:
+        src, dst: the buffers; same heads, head dim, dtype, layers and MHA/MLA.
+        layers: one layer (int), a ``range``, or None for every layer.
+        backend: ``"auto"`` (logged reason), ``"cuda"``, ``"triton"``,
+            ``"copy_engine"`` or ``"reference"``.
+        sm_budget: most blocks/programs a kernel backend may occupy. Transfers
+            share SMs with the forward pass; a small budget keeps the model fast.
+        num_warps: warps per block/program for kernel backends.
+
+    Example:
+        >>> lay = KVLayout("layer_first", num_layers=2, num_slots=16, head_num=2,
+        ...                head_dim=4, dtype=torch.bfloat16)
+        >>> host = KVBuffer.allocate(lay)
+        >>> dev = KVBuffer.allocate(lay)
+        >>> load = Transfer(host, dev, layers=1, backend="reference")
+        >>> load(torch.tensor([3, 4]), torch.tensor([0, 1]))
+    """
+
+    def __init__(self, src: KVBuffer, dst: KVBuffer, *, layers: int | range | None = None,
+                 backend: str = "auto", sm_budget: int | None = None,
+                 num_warps: int | None = None):
+        _check_buffers(src, dst)
+        self.layers = _layer_range(layers, src.layout.num_layers)
+        lay = src.layout
+        what = f"L{self.layers.start}" if len(self.layers) == 1 else f"L{self.layers.start}-{self.layers.stop - 1}"
+        self.plan = TransferPlan(
+            src=src.plane_set(self.layers, "src"),
+            dst=dst.plane_set(self.layers, "dst"),
+            head_num=lay.head_num,
+            head_bytes=lay.head_bytes,
+            label=f"{src.layout.kind.value}->{dst.layout.kind.value} {what}",
+        )
+        _check_launch_options(sm_budget, num_warps)
+        self.backend, self.reason = backends.choose(self.plan, backend)
+        _check_devices(self.plan, self.backend)
+        self.sm_budget = sm_budget
+        self.num_warps = num_warps
+        self.src, self.dst = src, dst
+
+    @property
+    def bytes_per_item(self) -> int:
+        """Bytes moved for each (non-padding) index, over all layers and K/V."""
+        return self.plan.bytes_per_item
+
+    def __call__(self, src_indices: torch.Tensor, dst_indices: torch.Tensor, *,
+                 stream: "torch.cuda.Stream | None" = None, check: bool | None = None) -> None:
+        """Copy ``src_indices[i] -> dst_indices[i]`` (int64; negative = skip).
+
+        Args:
+            stream: CUDA stream to run on; None means the current stream.
+            check: bounds-check the indices. None checks when it is free
+                (CPU indices); True also checks device indices (one sync).
+        """
+        execute(self.plan, src_indices, dst_indices, backend_module=self.backend,
+                sm_budget=self.sm_budget, num_warps=self.num_warps, stream=stream, check=check)
+
+
+def transfer(src: KVBuffer, dst: KVBuffer, src_indices: torch.Tensor, dst_indices: torch.Tensor,
+             *, layers: int | range | None = None, backend: str = "auto",
+             sm_budget: int | None = None, num_warps: int | None = None,
+             stream: "torch.cuda.Stream | None" = None, check: bool | None = None) -> None:
+    """Copy slots ``src_indices -> dst_indices`` of ``layers`` (default all) from
+    ``src`` to ``dst``, K and V. See :class:`Transfer` for the arguments."""
+    Transfer(src, dst, layers=layers, backend=backend, sm_budget=sm_budget,
+             num_warps=num_warps)(src_indices, dst_indices, stream=stream, check=check)
+
+
+def load_layer(host: KVBuffer, device: KVBuffer, host_indices: torch.Tensor,
+               device_indices: torch.Tensor, layer: int, **options) -> None:
+    """Load one layer host -> device so attention on it can start while later
+    layers are still in flight. Options as :func:`transfer`."""
+    transfer(host, device, host_indices, device_indices, layers=layer, **options)
+
+
+def backup_all_layers(device: KVBuffer, host: KVBuffer, device_indices: torch.Tensor,
+                      host_indices: torch.Tensor, **options) -> None:
+    """Back up every layer device -> host. Options as :func:`transfer`."""
+    transfer(device, host, device_indices, host_indices, layers=None, **options)
+
+
+def execute(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Tensor, *,
+            backend: str = "auto", backend_module: ModuleType | None = None,
+            sm_budget: int | None = None, num_warps: int | None = None,
+            stream: "torch.cuda.Stream | None" = None, check: bool | None = None,
+            index_names: tuple[str, str] = ("src_indices", "dst_indices")) -> str:
+    """Check indices and run ``plan`` on a backend; return the backend's name.
+
+    The shared tail of :class:`Transfer` and :mod:`hicache_kernels.sglang`.
+    """
+    if backend_module is None:
+        _check_launch_options(sm_budget, num_warps)
+        backend_module, _ = backends.choose(plan, backend)
+        _check_devices(plan, backend_module)
+    kernel_device = plan.device if backend_module.name != "reference" else None
+    src_idx, dst_idx = _check_indices(plan, src_indices, dst_indices, kernel_device, check, index_names)
+    label = f"{plan.label} n={src_idx.numel()} {backend_module.name}" if nvtx_enabled() else ""
+    with nvtx_range(label) if label else contextlib.nullcontext():
+        backend_module.run(plan, src_idx, dst_idx, sm_budget=sm_budget, num_warps=num_warps,
+                           stream=stream)
+    return backend_module.name
+
+
+# -- checks ------------------------------------------------------------------------
+
+def _check_buffers(src: KVBuffer, dst: KVBuffer) -> None:
+    for name, buf in (("src", src), ("dst", dst)):
+        if not isinstance(buf, KVBuffer):
+            raise TypeError(f"{name}: expected a KVBuffer, got {type(buf).__name__}")
+    a, b = src.layout, dst.layout
+    for field in ("num_layers", "head_num", "head_dim", "dtype", "mla"):
+        if getattr(a, field) != getattr(b, field):
+            raise ValueError(
+                f"dst: expected {field}={getattr(a, field)} like src, got {getattr(b, field)}"
+            )
+
+
+def _layer_range(layers: int | range | None, num_layers: int) -> range:
+    if layers is None:
+        return range(num_layers)
+    if isinstance(layers, bool) or not isinstance(layers, (int, range)):
+        raise TypeError(f"layers: expected an int, a range or None, got {type(layers).__name__}")
+    if isinstance(layers, int):
+        layers = range(layers, layers + 1)
+    if layers.step != 1 or len(layers) == 0 or layers.start < 0 or layers.stop > num_layers:
+        raise ValueError(
+            f"layers: expected a non-empty step-1 range within [0, {num_layers}), got {layers}"
+        )
+    return layers
+
+
+def _check_launch_options(sm_budget, num_warps) -> None:
+    if sm_budget is not None and (not isinstance(sm_budget, int) or isinstance(sm_budget, bool)
+                                  or sm_budget < 1):
+        raise ValueError(f"sm_budget: expected a positive int or None, got {sm_budget!r}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps: expected one of 1, 2, 4, 8, 16, 32 or None, got {num_warps!r}")
+
+
+def _check_devices(plan: TransferPlan, backend_module: ModuleType) -> None:
+    cuda_sides = [s for s in (plan.src, plan.dst) if s.device.type == "cuda"]
+    if len(cuda_sides) == 2 and cuda_sides[0].device != cuda_sides[1].device:
+        raise ValueError(
+            f"{plan.dst.name}: expected memory on {plan.src.device} like {plan.src.name}, "
+            f"got {plan.dst.device} (transfers between GPUs are not supported)"
+        )
+    if backend_module.name == "reference" or plan.device.type != "cuda":
+        return
+    for side in (plan.src, plan.dst):
+        if side.device.type == "cpu" and not side.pinned:
+            raise ValueError(
+                f"{side.name}: expected pinned host memory, since the {backend_module.name} "
+                f"kernel on {plan.device} reads and writes it directly; allocate it with "
+                f"pin_memory=True (or use backend='reference')"
+            )
+
+
+def _check_indices(plan: TransferPlan, src_indices, dst_indices, kernel_device,
+                   check: bool | None, names: tuple[str, str]):
+    out = []
+    for name, idx, side in ((names[0], src_indices, plan.src), (names[1], dst_indices, plan.dst)):
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"{name}: expected an int64 tensor, got {type(idx).__name__}")
+        if idx.dtype != torch.int64:
+            raise TypeError(f"{name}: expected dtype torch.int64, got {idx.dtype}")
+        if idx.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor, got shape {list(idx.shape)}")
+        if idx.device.type == "cuda" and kernel_device is not None and idx.device != kernel_device:
+            raise ValueError(f"{name}: expected indices on {kernel_device} or cpu, got {idx.device}")
+        if (check or (check is None and idx.device.type == "cpu")) and side.num_slots is not None \
+                and idx.numel():
+            largest = int(idx.max())
+            if largest >= side.num_slots:
+                raise IndexError(
+                    f"{name}: largest index {largest} is out of range for {side.name} with "
+                    f"{side.num_slots} slots"
+                )
+        out.append(idx)
+    if out[0].numel() != out[1].numel():
+        raise ValueError(
+            f"{names[1]}: expected {out[0].numel()} indices like {names[0]}, got {out[1].numel()}"
+        )
+    if kernel_device is not None:
+        out = [i.to(kernel_device, non_blocking=True).contiguous() for i in out]
+    return out

@@ -1,0 +1,171 @@
+"""TransferPlan: one resolved copy job, the currency between the ops layer and backends.
+
+A transfer copies items ``src_indices[i] -> dst_indices[i]`` in each of
+``num_planes`` planes (a plane is one layer of K or of V). Each side is a
+:class:`PlaneSet`: the planes' base addresses plus how items are addressed
+inside a plane (:class:`~hicache_kernels.layouts.PlaneAddressing`, which only
+:mod:`hicache_kernels.layouts` computes). A negative index on either side means
+padding: the item is skipped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .layouts import PlaneAddressing, _pow2_alignment
+
+__all__ = ["PlaneSet", "TransferPlan", "address_table", "tensor_at"]
+
+
+@dataclass
+class PlaneSet:
+    """One side of a transfer: the planes it touches, in order.
+
+    Attributes:
+        name: what the caller called this side, for error messages ("dst_k").
+        addressing: byte addressing of items inside one plane.
+        bases: base address of each plane, as python ints, or an int64/uint64
+            tensor (SGLang's address tables; assumed 8-byte aligned).
+        device: where the memory lives.
+        views: ``views(min_slots)`` builds the uint8 views ``[pages, P, H, head_bytes]``
+            of each plane that the reference backend indexes (torch shapes, not
+            our formula); ``min_slots`` sizes views over raw addresses.
+        num_slots: slots in each plane, for bounds checks; None when unknown
+            (raw address tables).
+        pinned: for host memory, whether it is page-locked.
+    """
+
+    name: str
+    addressing: PlaneAddressing
+    bases: Sequence[int] | torch.Tensor
+    device: torch.device
+    views: Callable[[int], list[torch.Tensor]]
+    num_slots: int | None
+    pinned: bool = False
+
+    def __len__(self) -> int:
+        return len(self.bases)
+
+
+@dataclass
+class TransferPlan:
+    """Everything a backend needs, resolved and validated.
+
+    An item is ``head_num`` chunks of ``head_bytes`` (merged into one chunk when
+    both sides keep an item's heads adjacent).
+    """
+
+    src: PlaneSet
+    dst: PlaneSet
+    head_num: int
+    head_bytes: int
+    label: str = "transfer"
+    _alignment: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.src) != len(self.dst):
+            raise ValueError(
+                f"{self.dst.name}: expected {len(self.src)} planes to match {self.src.name}, "
+                f"got {len(self.dst)}"
+            )
+
+    @property
+    def num_planes(self) -> int:
+        return len(self.src)
+
+    @property
+    def item_bytes(self) -> int:
+        return self.head_num * self.head_bytes
+
+    @property
+    def device(self) -> torch.device:
+        """Where a kernel for this plan runs: the CUDA side's device, else cpu."""
+        for side in (self.dst, self.src):
+            if side.device.type == "cuda":
+                return side.device
+        return self.src.device
+
+    def views(self, src_slots: int, dst_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per plane, ``(src_view, dst_view)`` covering at least the given slots."""
+        return list(zip(self.src.views(src_slots), self.dst.views(dst_slots)))
+
+    def chunks(self) -> tuple[int, int, int, int]:
+        """``(n_chunks, chunk_bytes, src_chunk_stride, dst_chunk_stride)``:
+        whole items when both sides keep heads adjacent, else one chunk per head."""
+        hb = self.head_bytes
+        s, d = self.src.addressing, self.dst.addressing
+        if self.head_num == 1 or (s.head_stride == hb and d.head_stride == hb):
+            return 1, self.item_bytes, 0, 0
+        return self.head_num, hb, s.head_stride, d.head_stride
+
+    def alignment(self) -> int:
+        """Largest power of two (<= 16) dividing every address the copy touches."""
+        if self._alignment is None:
+            _, chunk_bytes, scs, dcs = self.chunks()
+            values = [chunk_bytes, scs, dcs]
+            for side in (self.src, self.dst):
+                a = side.addressing
+                values += [a.page_stride, a.slot_stride]
+                values += [8] if isinstance(side.bases, torch.Tensor) else list(side.bases)
+            self._alignment = _pow2_alignment(*values)
+        return self._alignment
+
+    @property
+    def bytes_per_item(self) -> int:
+        """Bytes moved per index, over all planes (for GB/s figures)."""
+        return self.item_bytes * self.num_planes
+
+
+# Address tables are keyed by their contents, so a cached table is never stale:
+# the same addresses always make the same table.
+_TABLE_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_TABLE_CACHE_SIZE = 4096
+
+
+def address_table(bases: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Plane base addresses as a contiguous int64 tensor on ``device``, cached.
+
+    Warm the cache (run the transfer once) before capturing a CUDA graph: a
+    miss copies a few bytes host->device.
+    """
+    if isinstance(bases, torch.Tensor):
+        table = bases.view(torch.int64) if bases.dtype == torch.uint64 else bases
+        return table.to(device=device, dtype=torch.int64).contiguous()
+    key = (device, tuple(bases))
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = torch.tensor(list(bases), dtype=torch.int64, device=device)
+        _TABLE_CACHE[key] = table
+        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    else:
+        _TABLE_CACHE.move_to_end(key)
+    return table
+
+
+class _CudaArray:
+    """Just enough of ``__cuda_array_interface__`` to wrap raw device memory."""
+
+    def __init__(self, address: int, nbytes: int):
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (address, False), "version": 3,
+        }
+
+
+def tensor_at(address: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor over ``nbytes`` of existing memory at ``address``.
+
+    Used only where SGLang hands us raw addresses (``*_layers`` tables) and the
+    reference backend needs something torch can index.
+    """
+    if nbytes <= 0:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    if device.type == "cuda":
+        return torch.as_tensor(_CudaArray(address, nbytes), device=device)
+    buf = (ctypes.c_uint8 * nbytes).from_address(address)
+    return torch.frombuffer(buf, dtype=torch.uint8)
