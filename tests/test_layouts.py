@@ -1,0 +1,116 @@
+"""The layout description: shapes, and the one address formula checked against torch."""
+
+import pytest
+import torch
+
+from hicache_kernels import KVBuffer, KVLayout, LayoutKind
+from hicache_kernels.layouts import layer_view
+
+L, N, H, D, P = 3, 32, 2, 5, 8
+
+
+def _layout(kind, **kw):
+    args = dict(num_layers=L, num_slots=N, head_num=H, head_dim=D, dtype=torch.float16, page_size=P)
+    args.update(kw)
+    return KVLayout(kind, **args)
+
+
+@pytest.mark.parametrize("kind, shape", [
+    ("layer_first", (L, N, H, D)),
+    ("page_first", (N, L, H, D)),
+    ("page_first_direct", (N // P, L, P, H, D)),
+    ("page_head", (N // P, H, P, L, D)),
+])
+def test_shapes_match_sglang_host_pool(kind, shape):
+    lay = _layout(kind)
+    assert lay.shape == shape
+    buf = KVBuffer.allocate(lay)
+    # SGLang allocates K and V together as one [2, ...] tensor
+    assert buf.k.data_ptr() + lay.plane_bytes == buf.v.data_ptr()
+
+
+@pytest.mark.parametrize("kind", list(LayoutKind))
+def test_byte_offset_matches_torch_indexing(kind):
+    """byte_offset (our formula) must land on the element torch's own indexing finds."""
+    lay = _layout(kind)
+    plane = torch.empty(lay.shape, dtype=lay.dtype)
+    base = plane.data_ptr()
+    order = {
+        "layer_first": lambda s, l, h: plane[l, s, h],
+        "page_first": lambda s, l, h: plane[s, l, h],
+        "page_first_direct": lambda s, l, h: plane[s // P, l, s % P, h],
+        "page_head": lambda s, l, h: plane[s // P, h, s % P, l],
+    }[kind.value]
+    for s in range(N):
+        for l in range(L):
+            for h in range(H):
+                assert lay.byte_offset(s, l, h) == order(s, l, h).data_ptr() - base
+
+
+@pytest.mark.parametrize("kind", list(LayoutKind))
+def test_layer_view_agrees_with_plane_addressing(kind):
+    """The reference's views and the kernels' strides describe the same bytes."""
+    lay = _layout(kind)
+    plane = torch.empty(lay.shape, dtype=lay.dtype)
+    addr = lay.plane_addressing()
+    for layer in range(L):
+        view = layer_view(plane, lay, layer)  # [pages, P', H, head_bytes]
+        p = view.shape[1]
+        assert p == addr.page_size
+        for s in range(N):
+            for h in range(H):
+                got = view[s // p, s % p, h].data_ptr() - plane.data_ptr()
+                assert got == lay.byte_offset(s, layer, h)
+        assert view.shape[-1] == lay.head_bytes
+
+
+def test_unpaged_layouts_ignore_page_size_in_addressing():
+    a = _layout("page_first", page_size=1).plane_addressing()
+    b = _layout("page_first", page_size=16).plane_addressing()
+    assert a == b and a.page_size == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kind="page_head", num_slots=30), "num_slots"),
+    (dict(kind="nonsense"), "layout"),
+    (dict(kind="layer_first", head_num=0), "head_num"),
+    (dict(kind="layer_first", mla=True), "head_num"),
+    (dict(kind="page_head", mla=True, head_num=1), "page_head"),
+    (dict(kind="layer_first", dtype="bf16"), "dtype"),
+])
+def test_invalid_layouts_name_the_argument(kwargs, message):
+    kind = kwargs.pop("kind")
+    with pytest.raises((ValueError, TypeError), match=message):
+        _layout(kind, **kwargs)
+
+
+def test_byte_offset_rejects_out_of_range():
+    lay = _layout("layer_first")
+    with pytest.raises(IndexError, match="slot"):
+        lay.byte_offset(N, 0)
+    with pytest.raises(IndexError, match="layer"):
+        lay.byte_offset(0, L)
+
+
+def test_kvbuffer_checks_tensors():
+    lay = _layout("page_first")
+    good = torch.empty(lay.shape, dtype=lay.dtype)
+    with pytest.raises(ValueError, match="v: expected shape"):
+        KVBuffer(lay, good, torch.empty(1, dtype=lay.dtype))
+    with pytest.raises(ValueError, match="k: expected shape"):
+        KVBuffer(lay, good.to(torch.float32), good)
+    with pytest.raises(ValueError, match="contiguous"):
+        KVBuffer(lay, good.transpose(0, 1).contiguous().transpose(0, 1), good)
+    with pytest.raises(ValueError, match="v: MHA"):
+        KVBuffer(lay, good)
+
+
+def test_device_pool_from_layers():
+    k = [torch.empty(N, H, D, dtype=torch.bfloat16) for _ in range(L)]
+    v = [torch.empty(N, H, D, dtype=torch.bfloat16) for _ in range(L)]
+    buf = KVBuffer.from_layers(k, v)
+    assert buf.per_layer and buf.layout.kind is LayoutKind.LAYER_FIRST
+    assert buf.plane_bases(range(1, 3)) == [k[1].data_ptr(), k[2].data_ptr(),
+                                             v[1].data_ptr(), v[2].data_ptr()]
+    with pytest.raises(ValueError, match=r"v\[2\]"):
+        KVBuffer.from_layers(k, v[:2] + [torch.empty(N, H, D + 1, dtype=torch.bfloat16)])
