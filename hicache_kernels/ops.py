@@ -70,9 +70,9 @@ class Transfer:
             head_bytes=lay.head_bytes,
             label=f"{src.layout.kind.value}->{dst.layout.kind.value} {what}",
         )
-        _check_launch_options(sm_budget, num_warps)
+        check_launch_options(sm_budget, num_warps)
         self.backend, self.reason = backends.choose(self.plan, backend)
-        _check_devices(self.plan, self.backend)
+        check_devices(self.plan, self.backend)
         self.sm_budget = sm_budget
         self.num_warps = num_warps
         self.src, self.dst = src, dst
@@ -128,9 +128,9 @@ def execute(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Te
     The shared tail of :class:`Transfer` and :mod:`hicache_kernels.sglang`.
     """
     if backend_module is None:
-        _check_launch_options(sm_budget, num_warps)
+        check_launch_options(sm_budget, num_warps)
         backend_module, _ = backends.choose(plan, backend)
-        _check_devices(plan, backend_module)
+        check_devices(plan, backend_module)
     kernel_device = plan.device if backend_module.name != "reference" else None
     src_idx, dst_idx = _check_indices(plan, src_indices, dst_indices, kernel_device, check, index_names)
     label = f"{plan.label} n={src_idx.numel()} {backend_module.name}" if nvtx_enabled() else ""
@@ -168,7 +168,7 @@ def _layer_range(layers: int | range | None, num_layers: int) -> range:
     return layers
 
 
-def _check_launch_options(sm_budget, num_warps) -> None:
+def check_launch_options(sm_budget, num_warps) -> None:
     if sm_budget is not None and (not isinstance(sm_budget, int) or isinstance(sm_budget, bool)
                                   or sm_budget < 1):
         raise ValueError(f"sm_budget: expected a positive int or None, got {sm_budget!r}")
@@ -176,7 +176,7 @@ def _check_launch_options(sm_budget, num_warps) -> None:
         raise ValueError(f"num_warps: expected one of 1, 2, 4, 8, 16, 32 or None, got {num_warps!r}")
 
 
-def _check_devices(plan: TransferPlan, backend_module: ModuleType) -> None:
+def check_devices(plan: TransferPlan, backend_module: ModuleType) -> None:
     cuda_sides = [s for s in (plan.src, plan.dst) if s.device.type == "cuda"]
     if len(cuda_sides) == 2 and cuda_sides[0].device != cuda_sides[1].device:
         raise ValueError(

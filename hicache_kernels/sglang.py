@@ -16,11 +16,15 @@ kernels, else Triton, on GPU tensors; the torch reference on CPU tensors, or
 Triton's interpreter when ``TRITON_INTERPRET=1``). ``block_quota`` is the
 kernel's SM budget and ``num_warps_per_block`` its warps per block. The
 ``direct`` functions use the copy-engine backend when it is built.
+
+Plans are cached per pool (see ``_PLANS``): a cached plan holds references to
+the tensors it was built from, so the memory stays valid; the cache is bounded.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -28,7 +32,7 @@ import torch
 from . import backends
 from .buffers import KVBuffer
 from .layouts import KVLayout, LayoutKind
-from .ops import execute
+from .ops import check_devices, check_launch_options, execute
 from .plan import PlaneSet, TransferPlan, tensor_at
 
 __all__ = [
@@ -165,12 +169,54 @@ def _address_tables(names: Sequence[str], tables: Sequence, num_layers: int, ite
                     device=device, views=views, num_slots=None, pinned=False)
 
 
-def _run(label: str, src: PlaneSet, dst: PlaneSet, head_num: int, item_size: int,
-         src_indices, dst_indices, block_quota: int | None = None,
-         num_warps_per_block: int | None = None, backend: str | None = None) -> None:
-    plan = TransferPlan(src, dst, head_num=head_num, head_bytes=item_size // head_num, label=label)
-    execute(plan, src_indices, dst_indices, backend=backend or _backend(),
-            sm_budget=block_quota, num_warps=num_warps_per_block)
+# Building a plan costs ~150 us of Python; SGLang calls these per layer on the
+# hot path with the same pool tensors, so plans are cached by what defines them:
+# the tensors' addresses, shapes, strides, dtypes and devices, the scalar
+# arguments, and for address tables also their contents' version.
+_PLANS: "OrderedDict[tuple, tuple[TransferPlan, object]]" = OrderedDict()
+_PLAN_CACHE_SIZE = 512
+
+
+def _fingerprint(value, content: bool = False):
+    if isinstance(value, torch.Tensor):
+        fp = (value.data_ptr(), value.shape, value.stride(), value.dtype, value.device)
+        return fp + (value._version,) if content else fp
+    if isinstance(value, (list, tuple)):
+        return tuple(_fingerprint(v, content) for v in value)
+    return value
+
+
+def _cached_plan(key: tuple, build, backend: str | None = None) -> tuple[TransferPlan, object]:
+    """``(plan, backend module)`` for ``key``, built (and fully checked) on a miss."""
+    backend = backend or _backend()
+    key = key + (backend,)
+    try:
+        hit = _PLANS.get(key)
+    except TypeError:  # an unhashable argument: let the builder report it
+        key, hit = None, None
+    if hit is not None:
+        _PLANS.move_to_end(key)
+        return hit
+    plan = build()
+    module, _ = backends.choose(plan, backend)
+    check_devices(plan, module)
+    if key is not None:
+        _PLANS[key] = (plan, module)
+        if len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    return plan, module
+
+
+def _plan(label: str, src: PlaneSet, dst: PlaneSet, head_num: int, item_size: int) -> TransferPlan:
+    return TransferPlan(src, dst, head_num=head_num, head_bytes=item_size // head_num, label=label)
+
+
+def _run(cached: tuple[TransferPlan, object], src_indices, dst_indices, block_quota,
+         num_warps_per_block) -> None:
+    plan, module = cached
+    check_launch_options(block_quota, num_warps_per_block)
+    execute(plan, src_indices, dst_indices, backend_module=module, sm_budget=block_quota,
+            num_warps=num_warps_per_block)
 
 
 # -- kernel forms ----------------------------------------------------------------------
@@ -178,21 +224,25 @@ def _run(label: str, src: PlaneSet, dst: PlaneSet, head_num: int, item_size: int
 def transfer_kv_per_layer(src_k, dst_k, src_v, dst_v, src_indices, dst_indices, item_size,
                           block_quota=2, num_warps_per_block=32):
     """One layer, layer-first -> layer-first, K and V."""
-    _check_item_size(item_size)
-    _run("lf->lf layer", _layer_first(("src_k", "src_v"), (src_k, src_v), item_size, 1),
-         _layer_first(("dst_k", "dst_v"), (dst_k, dst_v), item_size, 1), 1, item_size,
-         src_indices, dst_indices, block_quota, num_warps_per_block)
+    def build():
+        _check_item_size(item_size)
+        return _plan("lf->lf layer", _layer_first(("src_k", "src_v"), (src_k, src_v), item_size, 1),
+                     _layer_first(("dst_k", "dst_v"), (dst_k, dst_v), item_size, 1), 1, item_size)
+    key = ("lf_lf", _fingerprint((src_k, dst_k, src_v, dst_v)), item_size)
+    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_pf_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_indices, layer_id,
                                 item_size, src_layout_dim, block_quota=2, num_warps_per_block=32):
     """Layer ``layer_id`` of a page-first ``[slots, layers, ...]`` source into layer-first."""
-    _check_item_size(item_size)
-    src = _host_pool(LayoutKind.PAGE_FIRST, ("src_k", "src_v"), (src_k, src_v),
-                     _one_layer(layer_id), item_size, src_layout_dim)
-    dst = _layer_first(("dst_k", "dst_v"), (dst_k, dst_v), item_size, 1)
-    _run(f"pf->lf L{layer_id}", src, dst, 1, item_size, src_indices, dst_indices,
-         block_quota, num_warps_per_block)
+    def build():
+        _check_item_size(item_size)
+        src = _host_pool(LayoutKind.PAGE_FIRST, ("src_k", "src_v"), (src_k, src_v),
+                         _one_layer(layer_id), item_size, src_layout_dim)
+        dst = _layer_first(("dst_k", "dst_v"), (dst_k, dst_v), item_size, 1)
+        return _plan(f"pf->lf L{layer_id}", src, dst, 1, item_size)
+    key = ("pf_lf", _fingerprint((src_k, dst_k, src_v, dst_v)), layer_id, item_size, src_layout_dim)
+    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_ph_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_indices, layer_id,
@@ -200,91 +250,115 @@ def transfer_kv_per_layer_ph_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_ind
                                 num_warps_per_block=32):
     """Layer ``layer_id`` of a page-head ``[pages, heads, page_size, layers, head_dim]``
     source into layer-first."""
-    _check_item_size(item_size, head_num)
-    src = _host_pool(LayoutKind.PAGE_HEAD, ("src_k", "src_v"), (src_k, src_v),
-                     _one_layer(layer_id), item_size, src_layout_dim, page_size, head_num)
-    dst = _layer_first(("dst_k", "dst_v"), (dst_k, dst_v), item_size, head_num)
-    _run(f"ph->lf L{layer_id}", src, dst, head_num, item_size, src_indices, dst_indices,
-         block_quota, num_warps_per_block)
+    def build():
+        _check_item_size(item_size, head_num)
+        src = _host_pool(LayoutKind.PAGE_HEAD, ("src_k", "src_v"), (src_k, src_v),
+                         _one_layer(layer_id), item_size, src_layout_dim, page_size, head_num)
+        dst = _layer_first(("dst_k", "dst_v"), (dst_k, dst_v), item_size, head_num)
+        return _plan(f"ph->lf L{layer_id}", src, dst, head_num, item_size)
+    key = ("ph_lf", _fingerprint((src_k, dst_k, src_v, dst_v)), layer_id, item_size,
+           src_layout_dim, page_size, head_num)
+    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer(src_k_layers, dst_k_layers, src_v_layers, dst_v_layers, src_indices,
                           dst_indices, item_size, num_layers, block_quota=2,
                           num_warps_per_block=32):
     """Every layer, layer-first -> layer-first, through address tables."""
-    _check_item_size(item_size)
-    src = _address_tables(("src_k_layers", "src_v_layers"), (src_k_layers, src_v_layers),
-                          num_layers, item_size)
-    dst = _address_tables(("dst_k_layers", "dst_v_layers"), (dst_k_layers, dst_v_layers),
-                          num_layers, item_size)
-    _run("lf->lf all", src, dst, 1, item_size, src_indices, dst_indices,
-         block_quota, num_warps_per_block)
+    def build():
+        _check_item_size(item_size)
+        src = _address_tables(("src_k_layers", "src_v_layers"), (src_k_layers, src_v_layers),
+                              num_layers, item_size)
+        dst = _address_tables(("dst_k_layers", "dst_v_layers"), (dst_k_layers, dst_v_layers),
+                              num_layers, item_size)
+        return _plan("lf->lf all", src, dst, 1, item_size)
+    key = ("lf_lf_all", _fingerprint((src_k_layers, dst_k_layers, src_v_layers, dst_v_layers), True),
+           item_size, num_layers)
+    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_lf_pf(src_k_layers, dst_k, src_v_layers, dst_v, src_indices,
                                 dst_indices, item_size, dst_layout_dim, num_layers,
                                 block_quota=2, num_warps_per_block=32):
     """Every layer, layer-first (address tables) -> page-first."""
-    _check_item_size(item_size)
-    src = _address_tables(("src_k_layers", "src_v_layers"), (src_k_layers, src_v_layers),
-                          num_layers, item_size)
-    dst = _host_pool(LayoutKind.PAGE_FIRST, ("dst_k", "dst_v"), (dst_k, dst_v),
-                     range(num_layers), item_size, dst_layout_dim)
-    _run("lf->pf all", src, dst, 1, item_size, src_indices, dst_indices,
-         block_quota, num_warps_per_block)
+    def build():
+        _check_item_size(item_size)
+        src = _address_tables(("src_k_layers", "src_v_layers"), (src_k_layers, src_v_layers),
+                              num_layers, item_size)
+        dst = _host_pool(LayoutKind.PAGE_FIRST, ("dst_k", "dst_v"), (dst_k, dst_v),
+                         range(num_layers), item_size, dst_layout_dim)
+        return _plan("lf->pf all", src, dst, 1, item_size)
+    key = ("lf_pf_all", _fingerprint((src_k_layers, src_v_layers), True),
+           _fingerprint((dst_k, dst_v)), item_size, dst_layout_dim, num_layers)
+    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_lf_ph(src_k_layers, dst_k, src_v_layers, dst_v, src_indices,
                                 dst_indices, item_size, dst_layout_dim, num_layers, page_size,
                                 head_num, block_quota=2, num_warps_per_block=32):
     """Every layer, layer-first (address tables) -> page-head."""
-    _check_item_size(item_size, head_num)
-    src = _address_tables(("src_k_layers", "src_v_layers"), (src_k_layers, src_v_layers),
-                          num_layers, item_size, head_num)
-    dst = _host_pool(LayoutKind.PAGE_HEAD, ("dst_k", "dst_v"), (dst_k, dst_v),
-                     range(num_layers), item_size, dst_layout_dim, page_size, head_num)
-    _run("lf->ph all", src, dst, head_num, item_size, src_indices, dst_indices,
-         block_quota, num_warps_per_block)
+    def build():
+        _check_item_size(item_size, head_num)
+        src = _address_tables(("src_k_layers", "src_v_layers"), (src_k_layers, src_v_layers),
+                              num_layers, item_size, head_num)
+        dst = _host_pool(LayoutKind.PAGE_HEAD, ("dst_k", "dst_v"), (dst_k, dst_v),
+                         range(num_layers), item_size, dst_layout_dim, page_size, head_num)
+        return _plan("lf->ph all", src, dst, head_num, item_size)
+    key = ("lf_ph_all", _fingerprint((src_k_layers, src_v_layers), True),
+           _fingerprint((dst_k, dst_v)), item_size, dst_layout_dim, num_layers, page_size, head_num)
+    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_mla(src, dst, src_indices, dst_indices, item_size, block_quota=2,
                               num_warps_per_block=32):
     """MLA, one layer, layer-first -> layer-first."""
-    _check_item_size(item_size)
-    _run("mla lf->lf layer", _layer_first(("src",), (src,), item_size, 1),
-         _layer_first(("dst",), (dst,), item_size, 1), 1, item_size, src_indices, dst_indices,
-         block_quota, num_warps_per_block)
+    def build():
+        _check_item_size(item_size)
+        return _plan("mla lf->lf layer", _layer_first(("src",), (src,), item_size, 1),
+                     _layer_first(("dst",), (dst,), item_size, 1), 1, item_size)
+    key = ("mla_lf_lf", _fingerprint((src, dst)), item_size)
+    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_mla_pf_lf(src, dst, src_indices, dst_indices, layer_id, item_size,
                                     src_layout_dim, block_quota=2, num_warps_per_block=32):
     """MLA, layer ``layer_id`` of a page-first source into layer-first."""
-    _check_item_size(item_size)
-    src_side = _host_pool(LayoutKind.PAGE_FIRST, ("src",), (src,), _one_layer(layer_id),
-                          item_size, src_layout_dim)
-    _run(f"mla pf->lf L{layer_id}", src_side, _layer_first(("dst",), (dst,), item_size, 1), 1,
-         item_size, src_indices, dst_indices, block_quota, num_warps_per_block)
+    def build():
+        _check_item_size(item_size)
+        src_side = _host_pool(LayoutKind.PAGE_FIRST, ("src",), (src,), _one_layer(layer_id),
+                              item_size, src_layout_dim)
+        return _plan(f"mla pf->lf L{layer_id}", src_side,
+                     _layer_first(("dst",), (dst,), item_size, 1), 1, item_size)
+    key = ("mla_pf_lf", _fingerprint((src, dst)), layer_id, item_size, src_layout_dim)
+    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_mla(src_layers, dst_layers, src_indices, dst_indices, item_size,
                               num_layers, block_quota=2, num_warps_per_block=32):
     """MLA, every layer, layer-first -> layer-first, through address tables."""
-    _check_item_size(item_size)
-    _run("mla lf->lf all", _address_tables(("src_layers",), (src_layers,), num_layers, item_size),
-         _address_tables(("dst_layers",), (dst_layers,), num_layers, item_size), 1, item_size,
-         src_indices, dst_indices, block_quota, num_warps_per_block)
+    def build():
+        _check_item_size(item_size)
+        return _plan("mla lf->lf all",
+                     _address_tables(("src_layers",), (src_layers,), num_layers, item_size),
+                     _address_tables(("dst_layers",), (dst_layers,), num_layers, item_size),
+                     1, item_size)
+    key = ("mla_lf_lf_all", _fingerprint((src_layers, dst_layers), True), item_size, num_layers)
+    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_mla_lf_pf(src_layers, dst, src_indices, dst_indices, item_size,
                                     dst_layout_dim, num_layers, block_quota=2,
                                     num_warps_per_block=32):
     """MLA, every layer, layer-first (address table) -> page-first."""
-    _check_item_size(item_size)
-    src = _address_tables(("src_layers",), (src_layers,), num_layers, item_size)
-    dst_side = _host_pool(LayoutKind.PAGE_FIRST, ("dst",), (dst,), range(num_layers), item_size,
-                          dst_layout_dim)
-    _run("mla lf->pf all", src, dst_side, 1, item_size, src_indices, dst_indices,
-         block_quota, num_warps_per_block)
+    def build():
+        _check_item_size(item_size)
+        src = _address_tables(("src_layers",), (src_layers,), num_layers, item_size)
+        dst_side = _host_pool(LayoutKind.PAGE_FIRST, ("dst",), (dst,), range(num_layers),
+                              item_size, dst_layout_dim)
+        return _plan("mla lf->pf all", src, dst_side, 1, item_size)
+    key = ("mla_lf_pf_all", _fingerprint(src_layers, True), _fingerprint(dst), item_size,
+           dst_layout_dim, num_layers)
+    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def _one_layer(layer_id) -> range:
@@ -359,15 +433,17 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
     the same, copying runs of slots contiguous on both sides, with no kernel."""
     src_list = _tensor_list("src_layers", src_layers)
     dst_list = _tensor_list("dst_layers", dst_layers)
-    if len(src_list) != len(dst_list):
-        raise ValueError(f"dst_layers: expected {len(src_list)} tensors like src_layers, "
-                         f"got {len(dst_list)}")
     src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
-    row = _row_bytes("src_layers[0]", src_list[0])
-    src = _per_layer_rows("src_layers", src_list, row)
-    dst = _per_layer_rows("dst_layers", dst_list, row)
-    plan = TransferPlan(src, dst, head_num=1, head_bytes=row, label="direct lf->lf")
-    execute(plan, src_idx, dst_idx, backend=_direct_backend())
+
+    def build():
+        if len(src_list) != len(dst_list):
+            raise ValueError(f"dst_layers: expected {len(src_list)} tensors like src_layers, "
+                             f"got {len(dst_list)}")
+        row = _row_bytes("src_layers[0]", src_list[0])
+        return _plan("direct lf->lf", _per_layer_rows("src_layers", src_list, row),
+                     _per_layer_rows("dst_layers", dst_list, row), 1, row)
+    key = ("direct", _fingerprint(src_list), _fingerprint(dst_list))
+    _run(_cached_plan(key, build, _direct_backend()), src_idx, dst_idx, None, None)
 
 
 def _direct_pool(name: str, tensors: list[torch.Tensor], page_size: int,
@@ -417,12 +493,15 @@ def transfer_kv_per_layer_direct_pf_lf(src_ptrs, dst_ptrs, src_indices, dst_indi
         raise ValueError(f"dst_ptrs: expected K layers then V layers for {len(src_list)} source "
                          f"pools, got {len(dst_list)} tensors")
     src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
-    layers = range(_one_layer(layer_id).start, layer_id + len(dst_list) // len(src_list))
-    src, item = _direct_pool("src_ptrs", src_list, page_size, layers)
-    dst = _per_layer_rows("dst_ptrs", dst_list, item)
-    plan = TransferPlan(src, dst, head_num=1, head_bytes=item, label=f"direct pfd->lf L{layer_id}")
-    execute(plan, _expand_pages(src_idx, page_size, True), _expand_pages(dst_idx, page_size, False),
-            backend=_direct_backend())
+
+    def build():
+        layers = range(_one_layer(layer_id).start, layer_id + len(dst_list) // len(src_list))
+        src, item = _direct_pool("src_ptrs", src_list, page_size, layers)
+        dst = _per_layer_rows("dst_ptrs", dst_list, item)
+        return _plan(f"direct pfd->lf L{layer_id}", src, dst, 1, item)
+    key = ("direct_pf_lf", _fingerprint(src_list), _fingerprint(dst_list), layer_id, page_size)
+    _run(_cached_plan(key, build, _direct_backend()), _expand_pages(src_idx, page_size, True),
+         _expand_pages(dst_idx, page_size, False), None, None)
 
 
 def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indices, page_size):
@@ -434,8 +513,11 @@ def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indi
         raise ValueError(f"src_ptrs: expected K layers then V layers for {len(dst_list)} "
                          f"destination pools, got {len(src_list)} tensors")
     src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
-    dst, item = _direct_pool("dst_ptrs", dst_list, page_size, range(len(src_list) // len(dst_list)))
-    src = _per_layer_rows("src_ptrs", src_list, item)
-    plan = TransferPlan(src, dst, head_num=1, head_bytes=item, label="direct lf->pfd all")
-    execute(plan, _expand_pages(src_idx, page_size, False), _expand_pages(dst_idx, page_size, True),
-            backend=_direct_backend())
+
+    def build():
+        dst, item = _direct_pool("dst_ptrs", dst_list, page_size,
+                                 range(len(src_list) // len(dst_list)))
+        return _plan("direct lf->pfd all", _per_layer_rows("src_ptrs", src_list, item), dst, 1, item)
+    key = ("direct_lf_pf", _fingerprint(src_list), _fingerprint(dst_list), page_size)
+    _run(_cached_plan(key, build, _direct_backend()), _expand_pages(src_idx, page_size, False),
+         _expand_pages(dst_idx, page_size, True), None, None)
