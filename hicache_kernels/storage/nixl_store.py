@@ -41,8 +41,8 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 _SUFFIX = ".kvpage"
 _HEX = frozenset("0123456789abcdef")
-# A failed transfer is retried never: the page stays in the tiers above.
-_POLL_SLEEP_S = 50e-6
+_POLL_SLEEP_S = 50e-6          # between NIXL status checks; keeps a core free
+_WRITE_LOG_INTERVAL_S = 10.0   # at most one write-failure log line per interval
 
 
 def import_nixl():
@@ -105,7 +105,7 @@ class NixlFileStore:
         self._stats = dict(pages_read=0, bytes_read=0, read_seconds=0.0, pages_written=0,
                            bytes_written=0, write_seconds=0.0, corrupt_pages=0, read_errors=0,
                            write_errors=0)
-        self._last_full_log = 0.0
+        self._last_write_log = -_WRITE_LOG_INTERVAL_S
         self._closed = False
         self._prepare_directory()
         self._nixl = import_nixl()
@@ -356,13 +356,16 @@ class NixlFileStore:
         if code in _READ_ONLY:
             self._disable_writes(f"{error.strerror} (errno {code})")
             return
-        if code in _FULL or (code is None and self._looks_full()):
-            now = time.monotonic()
-            if now - self._last_full_log > 60:  # once a minute: it stays full for a while
-                self._last_full_log = now
-                log.error("storage: %s is full (%s); pages stay in the tiers above", self.root, error)
-            return
-        log.error("storage: writing %d page(s) to %s failed: %s", pages, self.root, error)
+        full = code in _FULL or (code is None and self._looks_full())
+        now = time.monotonic()
+        with self._lock:  # a failing disk fails every write: log a few, count all
+            quiet = now - self._last_write_log < _WRITE_LOG_INTERVAL_S
+            if not quiet:
+                self._last_write_log = now
+        if not quiet:
+            what = "is full" if full else f"failed to take {pages} page(s)"
+            log.error("storage: %s %s (%s); pages stay in the tiers above (write_errors counts them)",
+                      self.root, what, error)
 
     def _looks_full(self) -> bool:
         try:
