@@ -426,6 +426,8 @@ def test_bad_arguments_raise_and_write_nothing(tmp_path):
         store.batch_set(keys, page_slots(5, 2, 4))
     with pytest.raises(ValueError, match="keys: expected lowercase hex"):
         store.batch_set(["../../etc/passwd", keys[1]], page_slots(0, 2, 4))
+    with pytest.raises(ValueError, match="keys: expected lowercase hex"):
+        store.batch_exists(["../" + keys[0][:8]])
     with pytest.raises(ValueError, match="host_indices: expected a 1-D integer tensor"):
         store.batch_get(keys, page_slots(0, 2, 4).float())
     with pytest.raises(ValueError, match="host: expected a KVBuffer in CPU memory"):

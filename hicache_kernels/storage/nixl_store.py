@@ -53,8 +53,8 @@ def import_nixl():
             module = __import__(name, fromlist=["nixl_agent"])
             module.nixl_agent  # noqa: B018 - the API we need
             return module
-        except (ImportError, AttributeError) as e:
-            errors.append(f"{name}: {e}")
+        except Exception as e:  # missing, or a variant that cannot load on this machine
+            errors.append(f"{name}: {type(e).__name__}: {e}")
     raise ImportError(
         "NIXL is not installed; `pip install 'hicache-kernels[storage]'` (nixl-cu13) "
         "or `pip install nixl`. Tried: " + "; ".join(errors)
@@ -178,6 +178,7 @@ class NixlFileStore:
 
     # -- the PageStore interface -----------------------------------------------
     def batch_exists(self, keys: Sequence[str]) -> int:
+        keys = _check_keys(keys)
         for i, key in enumerate(keys):
             try:
                 if os.stat(self.page_path(key)).st_size != self.file_bytes:
@@ -288,10 +289,7 @@ class NixlFileStore:
 
     def check_pages(self, keys: Sequence[str], host_indices) -> tuple[list[str], np.ndarray]:
         """Keys as a list and host page indices ``[n]``; ValueError names a bad argument."""
-        keys = list(keys)
-        for key in keys:
-            if not isinstance(key, str) or not 0 < len(key) <= 64 or not set(key) <= _HEX:
-                raise ValueError(f"keys: expected lowercase hex page hashes (page_keys), got {key!r}")
+        keys = _check_keys(keys)
         pages = host_pages(host_indices, self.geometry)
         if pages.size != len(keys):
             raise ValueError(f"host_indices: expected {len(keys)} pages of {self.page_size} slots "
@@ -417,6 +415,14 @@ class NixlFileStore:
         with self._lock:
             for name, value in increments.items():
                 self._stats[name] += value
+
+
+def _check_keys(keys: Sequence[str]) -> list[str]:
+    keys = list(keys)
+    for key in keys:  # keys become file names: nothing but hex digits
+        if not isinstance(key, str) or not 0 < len(key) <= 64 or not set(key) <= _HEX:
+            raise ValueError(f"keys: expected lowercase hex page hashes (page_keys), got {key!r}")
+    return keys
 
 
 def _quiet(fn, *args, **kwargs) -> None:
