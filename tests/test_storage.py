@@ -297,7 +297,7 @@ def test_failed_transfer_leaves_no_page_and_no_temp(tmp_path, monkeypatch):
     from hicache_kernels.storage import nixl_store
 
     def broken(*args, **kwargs):
-        raise nixl_store._TransferFailed("injected")
+        raise nixl_store.TransferFailed("injected")
 
     monkeypatch.setattr(store, "_transfer", broken)
     assert store.batch_set(keys, page_slots(0, 2, 4)) == [False, False]

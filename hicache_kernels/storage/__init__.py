@@ -3,8 +3,9 @@
 Bottom to top: :mod:`.keys` (SGLang's chained page hashes), :mod:`.pages`
 (where a page lies in the host pool; the page file format), :mod:`.store`
 (the :class:`PageStore` interface), :mod:`.nixl_store` (files through a NIXL
-file plugin), :mod:`.tier` (background write-back and prefetch that a
-manager drives). See docs/storage.md.
+file plugin), :mod:`.peer` (another host's memory through NIXL's UCX plugin),
+:mod:`.tier` (background write-back and prefetch that a manager drives).
+See docs/storage.md.
 """
 
 from .config import StorageConfig
@@ -12,7 +13,8 @@ from .keys import hash_page, page_keys
 from .store import PageStore, StorageUnavailable
 
 __all__ = ["StorageConfig", "PageStore", "StorageUnavailable", "hash_page", "page_keys",
-           "NixlFileStore", "StorageTier", "PrefetchHandle", "WriteHandle"]
+           "NixlFileStore", "PeerPageServer", "PeerPageStore", "StorageTier", "PrefetchHandle",
+           "WriteHandle"]
 
 
 def __getattr__(name):
@@ -20,6 +22,9 @@ def __getattr__(name):
     if name == "NixlFileStore":
         from .nixl_store import NixlFileStore
         return NixlFileStore
+    if name in ("PeerPageServer", "PeerPageStore"):
+        from . import peer
+        return getattr(peer, name)
     if name in ("StorageTier", "PrefetchHandle", "WriteHandle"):
         from . import tier
         return getattr(tier, name)

@@ -30,17 +30,16 @@ import numpy as np
 
 from ..buffers import KVBuffer
 from .config import FILE_PLUGINS, StorageConfig
-from .pages import HEADER_BYTES, PageGeometry, PageHeader, host_pages
-from .store import StorageUnavailable
+from .pages import HEADER_BYTES, PageGeometry, PageHeader, check_keys, check_pages, read_back_ok
+from .store import StorageUnavailable, io_counters
 
-__all__ = ["NixlFileStore", "import_nixl"]
+__all__ = ["NixlFileStore", "import_nixl", "run_transfer", "TransferFailed"]
 
 log = logging.getLogger(__name__)
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 _SUFFIX = ".kvpage"
-_HEX = frozenset("0123456789abcdef")
 _POLL_SLEEP_S = 50e-6          # between NIXL status checks; keeps a core free
 _WRITE_LOG_INTERVAL_S = 10.0   # at most one write-failure log line per interval
 
@@ -61,8 +60,27 @@ def import_nixl():
     )
 
 
-class _TransferFailed(Exception):
-    pass
+class TransferFailed(Exception):
+    """A NIXL transfer did not complete; none of its pages may be trusted."""
+
+
+def run_transfer(agent, op: str, plugin: str, local, remote, remote_name: str) -> None:
+    """Post one NIXL transfer, poll it to the end, release it; TransferFailed
+    on any error (NIXL raises its own types, or ends in state ERR)."""
+    handle = None
+    try:
+        handle = agent.initialize_xfer(op, local, remote, remote_name, backends=[plugin])
+        state = agent.transfer(handle)
+        while state == "PROC":
+            time.sleep(_POLL_SLEEP_S)
+            state = agent.check_xfer_state(handle)
+    except Exception as e:
+        raise TransferFailed(f"NIXL {plugin} {op}: {type(e).__name__}: {e}") from None
+    finally:
+        if handle is not None:
+            _quiet(handle.release)
+    if state != "DONE":
+        raise TransferFailed(f"NIXL {plugin} {op} ended in state {state}")
 
 
 class NixlFileStore:
@@ -102,9 +120,7 @@ class NixlFileStore:
         self.root = os.path.join(self.config.directory, self.config.namespace or "default", self.geometry.tag)
         self.writable, self.read_only_reason = True, ""
         self._lock = threading.Lock()
-        self._stats = dict(pages_read=0, bytes_read=0, read_seconds=0.0, pages_written=0,
-                           bytes_written=0, write_seconds=0.0, corrupt_pages=0, read_errors=0,
-                           write_errors=0)
+        self._stats = io_counters()
         self._last_write_log = -_WRITE_LOG_INTERVAL_S
         self._closed = False
         self._prepare_directory()
@@ -166,19 +182,11 @@ class NixlFileStore:
         raise StorageUnavailable("no NIXL file plugin could start: " + "; ".join(tried))
 
     def _register_host(self, host: KVBuffer) -> None:
-        spans = sorted({(t.data_ptr(), t.numel() * t.element_size()) for t in host.tensors()})
-        merged: list[list[int]] = []
-        for start, size in spans:  # K and V of one allocation are one span
-            if merged and start <= merged[-1][0] + merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], start + size - merged[-1][0])
-            else:
-                merged.append([start, size])
-        regions = [(start, size, 0, "") for start, size in merged]
-        self._host_reg = self.agent.register_memory(regions, "DRAM", backends=[self.plugin])
+        self._host_reg = self.agent.register_memory(host_regions(host), "DRAM", backends=[self.plugin])
 
     # -- the PageStore interface -----------------------------------------------
     def batch_exists(self, keys: Sequence[str]) -> int:
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         for i, key in enumerate(keys):
             try:
                 if os.stat(self.page_path(key)).st_size != self.file_bytes:
@@ -205,19 +213,17 @@ class NixlFileStore:
                 return ok
             try:
                 self._transfer("READ", pages[:len(found)], [fd for fd, _ in found])
-            except _TransferFailed as e:
-                self._count(read_errors=1)
+            except TransferFailed as e:
+                self._stats.add(read_errors=1)
                 log.error("storage: reading %d pages from %s failed (%s); they are misses",
                           len(found), self.root, e)
                 return ok
-            for i, (fd, header) in enumerate(found):
-                got = self.geometry.checksum(pages[i])
-                if got != header.payload_crc:
-                    self._corrupt(keys[i], fd, f"payload checksum {got:#010x} != {header.payload_crc:#010x}")
-                    break
-                ok[i] = True
+            ok[:len(found)] = read_back_ok(self.geometry, pages, [h.payload_crc for _, h in found])
+            if not all(ok[:len(found)]):
+                bad = ok.index(False)
+                self._corrupt(keys[bad], found[bad][0], "payload checksum mismatch")
         valid = sum(ok)
-        self._count(pages_read=valid, bytes_read=valid * self.page_bytes,
+        self._stats.add(pages_read=valid, bytes_read=valid * self.page_bytes,
                     read_seconds=time.perf_counter() - start)
         return ok
 
@@ -241,7 +247,7 @@ class NixlFileStore:
                 if self.config.fsync:
                     for _, fd, _ in temps:
                         os.fsync(fd)
-            except (_TransferFailed, OSError) as e:
+            except (TransferFailed, OSError) as e:
                 self._write_failed(e, len(temps))
                 return ok
             closing, temps = temps, [(i, -1, tmp) for i, _, tmp in temps]
@@ -260,7 +266,7 @@ class NixlFileStore:
                 if not ok[i]:
                     _quiet(os.unlink, tmp)
         written = sum(ok)
-        self._count(pages_written=written, bytes_written=written * self.page_bytes,
+        self._stats.add(pages_written=written, bytes_written=written * self.page_bytes,
                     write_seconds=time.perf_counter() - start)
         return ok
 
@@ -270,8 +276,7 @@ class NixlFileStore:
                 f"{self.page_bytes} B/page in {self.geometry.runs_per_page} runs")
 
     def io_stats(self) -> dict:
-        with self._lock:
-            return dict(self._stats)
+        return self._stats.snapshot()
 
     def close(self) -> None:
         if self._closed:
@@ -289,12 +294,7 @@ class NixlFileStore:
 
     def check_pages(self, keys: Sequence[str], host_indices) -> tuple[list[str], np.ndarray]:
         """Keys as a list and host page indices ``[n]``; ValueError names a bad argument."""
-        keys = _check_keys(keys)
-        pages = host_pages(host_indices, self.geometry)
-        if pages.size != len(keys):
-            raise ValueError(f"host_indices: expected {len(keys)} pages of {self.page_size} slots "
-                             f"for {len(keys)} keys, got {pages.size} pages")
-        return keys, pages
+        return check_pages(keys, host_indices, self.geometry)
 
     def _open_valid_page(self, key: str) -> tuple[int, PageHeader] | None:
         """An fd and the header of a complete, well-formed page file, or None (a miss)."""
@@ -304,7 +304,7 @@ class NixlFileStore:
         except FileNotFoundError:
             return None
         except OSError as e:
-            self._count(read_errors=1)
+            self._stats.add(read_errors=1)
             log.error("storage: cannot open %s: %s", path, e.strerror)
             return None
         try:
@@ -340,7 +340,7 @@ class NixlFileStore:
 
     def _corrupt(self, key: str, fd: int, why: str) -> None:
         path = self.page_path(key)
-        self._count(corrupt_pages=1)
+        self._stats.add(corrupt_pages=1)
         log.warning("storage: page %s is corrupt (%s); treated as a miss and removed", path, why)
         try:  # remove it unless a writer has already replaced it with a good copy
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
@@ -349,7 +349,7 @@ class NixlFileStore:
             pass
 
     def _write_failed(self, error: BaseException, pages: int) -> None:
-        self._count(write_errors=pages)
+        self._stats.add(write_errors=pages)
         code = getattr(error, "errno", None)
         if code in _READ_ONLY:
             self._disable_writes(f"{error.strerror} (errno {code})")
@@ -388,41 +388,30 @@ class NixlFileStore:
         files = np.stack([offsets, size, fd_col], axis=1).astype(np.uint64)
         agent = self.agent
         file_reg = None
-        handle = None
         try:
             file_reg = agent.register_memory(
                 [(0, self.file_bytes, fd, "") for fd in fds], "FILE", backends=[self.plugin])
-            handle = agent.initialize_xfer(op, agent.get_xfer_descs(host, "DRAM"),
-                                           agent.get_xfer_descs(files, "FILE"), agent.name,
-                                           backends=[self.plugin])
-            state = agent.transfer(handle)
-            while state == "PROC":
-                time.sleep(_POLL_SLEEP_S)
-                state = agent.check_xfer_state(handle)
-            if state != "DONE":
-                raise _TransferFailed(f"NIXL {self.plugin} {op} ended in state {state}")
-        except _TransferFailed:
-            raise
-        except Exception as e:  # NIXL raises its own error types (nixlBackendError...)
-            raise _TransferFailed(f"NIXL {self.plugin} {op}: {type(e).__name__}: {e}") from None
+        except Exception as e:
+            raise TransferFailed(f"NIXL {self.plugin}: registering page files: {e}") from None
+        try:
+            run_transfer(agent, op, self.plugin, agent.get_xfer_descs(host, "DRAM"),
+                         agent.get_xfer_descs(files, "FILE"), agent.name)
         finally:
-            if handle is not None:
-                _quiet(handle.release)
-            if file_reg is not None:
-                _quiet(agent.deregister_memory, file_reg, backends=[self.plugin])
-
-    def _count(self, **increments) -> None:
-        with self._lock:
-            for name, value in increments.items():
-                self._stats[name] += value
+            _quiet(agent.deregister_memory, file_reg, backends=[self.plugin])
 
 
-def _check_keys(keys: Sequence[str]) -> list[str]:
-    keys = list(keys)
-    for key in keys:  # keys become file names: nothing but hex digits
-        if not isinstance(key, str) or not 0 < len(key) <= 64 or not set(key) <= _HEX:
-            raise ValueError(f"keys: expected lowercase hex page hashes (page_keys), got {key!r}")
-    return keys
+
+def host_regions(host: KVBuffer) -> list[tuple[int, int, int, str]]:
+    """NIXL DRAM registration tuples covering a host pool; K and V of one
+    allocation (SGLang's ``[2, ...]`` tensor) become one region."""
+    spans = sorted({(t.data_ptr(), t.numel() * t.element_size()) for t in host.tensors()})
+    merged: list[list[int]] = []
+    for start, size in spans:
+        if merged and start <= merged[-1][0] + merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], start + size - merged[-1][0])
+        else:
+            merged.append([start, size])
+    return [(start, size, 0, "") for start, size in merged]
 
 
 def _quiet(fn, *args, **kwargs) -> None:

@@ -28,13 +28,15 @@ import ctypes
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from ..buffers import KVBuffer
 
-__all__ = ["PageGeometry", "PageHeader", "HEADER_BYTES", "layout_tag", "host_pages"]
+__all__ = ["PageGeometry", "PageHeader", "HEADER_BYTES", "layout_tag", "host_pages", "page_bytes", "read_back_ok",
+           "check_keys", "check_pages"]
 
 HEADER_BYTES = 4096
 MAGIC = b"HKVPAGE1"
@@ -50,6 +52,11 @@ def layout_tag(layout) -> str:
     dtype = str(layout.dtype).removeprefix("torch.")
     return (f"{layout.kind.value}_{attn}_L{layout.num_layers}_H{layout.head_num}"
             f"_D{layout.head_dim}_{dtype}_P{layout.page_size}")
+
+
+def page_bytes(layout) -> int:
+    """Bytes of one page: every layer of K and V (or MLA's one plane)."""
+    return layout.num_planes_per_layer * layout.num_layers * layout.page_size * layout.item_bytes
 
 
 class PageGeometry:
@@ -102,7 +109,7 @@ class PageGeometry:
         self.file_offsets = np.concatenate(([0], np.cumsum(self.run_bytes)[:-1])).astype(np.int64)
         self.runs_per_page = int(self.run_addr.size)
         self.page_bytes = int(self.run_bytes.sum())
-        expected = lay.num_planes_per_layer * lay.num_layers * lay.page_size * lay.item_bytes
+        expected = page_bytes(lay)
         if self.page_bytes != expected:
             raise AssertionError(f"page bytes {self.page_bytes} != {expected} for {lay.describe()}")
         self.device = host.device
@@ -122,6 +129,41 @@ class PageGeometry:
         for addr, size in zip(self.run_addr.tolist(), self.run_bytes.tolist()):
             crc = zlib.crc32((ctypes.c_char * size).from_address(addr + base), crc)
         return crc
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_keys(keys: Sequence[str]) -> list[str]:
+    """``keys`` as a list; ValueError unless each is a hex page hash (keys name files)."""
+    keys = list(keys)
+    for key in keys:
+        if not isinstance(key, str) or not 0 < len(key) <= 64 or not set(key) <= _HEX:
+            raise ValueError(f"keys: expected lowercase hex page hashes (page_keys), got {key!r}")
+    return keys
+
+
+def check_pages(keys: Sequence[str], host_indices, geometry: "PageGeometry") -> tuple[list[str], np.ndarray]:
+    """Validated keys and host page indices ``[n]`` for a batch call; ValueError
+    names the bad argument."""
+    keys = check_keys(keys)
+    pages = host_pages(host_indices, geometry)
+    if pages.size != len(keys):
+        raise ValueError(f"host_indices: expected {len(keys)} pages of {geometry.page_size} slots "
+                         f"for {len(keys)} keys, got {pages.size} pages")
+    return keys, pages
+
+
+def read_back_ok(geometry: PageGeometry, pages: np.ndarray, crcs: Sequence[int]) -> list[bool]:
+    """After a read into the host pool: ``True`` for the leading pages whose
+    bytes match the CRC-32 their writer recorded, ``False`` from the first
+    mismatch on (a prefix, like every store answer)."""
+    ok = [False] * len(crcs)
+    for i, want in enumerate(crcs):
+        if geometry.checksum(pages[i]) != want:
+            break
+        ok[i] = True
+    return ok
 
 
 def host_pages(host_indices, geometry: PageGeometry, *, name: str = "host_indices") -> np.ndarray:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["PageStore", "StorageUnavailable"]
+__all__ = ["PageStore", "StorageUnavailable", "Counters", "io_counters"]
 
 
 class StorageUnavailable(RuntimeError):
@@ -49,3 +50,27 @@ class PageStore(Protocol):
 
     def close(self) -> None:
         """Release the backend (idempotent)."""
+
+
+class Counters:
+    """Named numbers that several threads add to; :meth:`snapshot` reads them all."""
+
+    def __init__(self, **initial: float):
+        self._values = dict(initial)
+        self._lock = threading.Lock()
+
+    def add(self, **increments: float) -> None:
+        with self._lock:
+            for name, value in increments.items():
+                self._values[name] += value
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self._values)
+
+
+def io_counters() -> Counters:
+    """The counters every store keeps (see ``PageStore.io_stats``)."""
+    return Counters(pages_read=0, bytes_read=0, read_seconds=0.0, pages_written=0,
+                    bytes_written=0, write_seconds=0.0, corrupt_pages=0, read_errors=0,
+                    write_errors=0)

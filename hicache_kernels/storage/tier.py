@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import PREFETCH_POLICIES, StorageConfig
-from .store import PageStore, StorageUnavailable
+from .store import Counters, PageStore, StorageUnavailable
 
 __all__ = ["StorageTier", "WriteHandle", "PrefetchHandle"]
 
@@ -184,7 +184,7 @@ class StorageTier:
         self.config = StorageConfig.load(config)
         self.reason = reason
         self._lock = threading.Lock()
-        self._stats = dict(
+        self._stats = Counters(
             lookups=0, lookup_pages=0, lookup_hit_pages=0,
             prefetches=0, prefetch_pages=0, prefetch_loaded_pages=0, prefetch_seconds=0.0,
             write_backs=0, write_pages=0, write_existing_pages=0, write_stored_pages=0,
@@ -233,8 +233,8 @@ class StorageTier:
     def stats(self) -> dict:
         """Counters: lookups and hit pages, prefetched and written pages, bytes
         and seconds of storage I/O, corrupt pages and errors."""
+        out = self._stats.snapshot()
         with self._lock:
-            out = dict(self._stats)
             out["pending_write_pages"] = self._pending_write_pages
         if self.store is not None:
             out.update(self.store.io_stats())
@@ -250,7 +250,7 @@ class StorageTier:
                 hit = self.store.batch_exists(keys)
             except Exception:
                 log.exception("storage: lookup failed; treated as a miss")
-        self._count(lookups=1, lookup_pages=len(keys), lookup_hit_pages=hit)
+        self._stats.add(lookups=1, lookup_pages=len(keys), lookup_hit_pages=hit)
         return hit
 
     def write_back(self, keys: Sequence[str], host_indices, *,
@@ -262,7 +262,7 @@ class StorageTier:
         """
         keys, idx = self._check(keys, host_indices)
         handle = WriteHandle(keys, idx, on_done)
-        self._count(write_backs=1, write_pages=len(keys))
+        self._stats.add(write_backs=1, write_pages=len(keys))
         with self._lock:
             accept = (self.enabled and keys
                       and self._pending_write_pages + len(keys) <= self.config.max_pending_writes)
@@ -271,7 +271,7 @@ class StorageTier:
         if not accept:
             if keys and self.enabled:
                 log.debug("storage: write-back queue full; %d pages stay in the host tier only", len(keys))
-            self._count(write_dropped_pages=len(keys))
+            self._stats.add(write_dropped_pages=len(keys))
             handle._finish()
             return handle
         self._write_q.put(handle)
@@ -290,7 +290,7 @@ class StorageTier:
         keys, idx = self._check(keys, host_indices)
         timeout_s = self.config.timeout_for(idx.size)
         handle = PrefetchHandle(keys, idx, policy=policy, timeout_s=timeout_s, on_done=on_done)
-        self._count(prefetches=1, prefetch_pages=len(keys))
+        self._stats.add(prefetches=1, prefetch_pages=len(keys))
         if not self.enabled or not keys:
             handle._finish()
             return handle
@@ -337,7 +337,7 @@ class StorageTier:
                 if not self._closed:
                     existing = self.store.batch_exists(handle.keys)
                     handle.stored[:existing] = [True] * existing
-                    self._count(write_existing_pages=existing)
+                    self._stats.add(write_existing_pages=existing)
                     for lo in range(existing, handle.num_pages, batch):
                         hi = min(lo + batch, handle.num_pages)
                         ok = self.store.batch_set(handle.keys[lo:hi], handle.host_indices[lo * page:hi * page])
@@ -346,7 +346,7 @@ class StorageTier:
             except Exception:
                 log.exception("storage: write-back failed; pages stay in the host tier only")
             failed = handle.num_pages - sum(handle.stored)
-            self._count(write_stored_pages=stored, write_failed_pages=failed,
+            self._stats.add(write_stored_pages=stored, write_failed_pages=failed,
                         write_seconds=time.perf_counter() - start)
             handle._finish()
             with self._idle:
@@ -373,7 +373,7 @@ class StorageTier:
                 loaded += valid
                 if valid < hi - lo:
                     break  # the hit prefix ends here
-            self._count(prefetch_loaded_pages=loaded, prefetch_seconds=time.perf_counter() - start)
+            self._stats.add(prefetch_loaded_pages=loaded, prefetch_seconds=time.perf_counter() - start)
             handle._finish()
 
     # -- helpers -------------------------------------------------------------------
@@ -385,11 +385,6 @@ class StorageTier:
             host_indices = host_indices.detach().cpu().numpy()
         # A private copy: the caller may reuse its index tensor at once.
         return keys, np.array(host_indices, dtype=np.int64, copy=True).reshape(-1)
-
-    def _count(self, **increments) -> None:
-        with self._lock:
-            for name, value in increments.items():
-                self._stats[name] += value
 
 
 def _call_back(fn: Callable | None, handle) -> None:
