@@ -175,7 +175,7 @@ def test_round_trip_mla_fp8_odd_sizes(tmp_path, kind):
     layout = make_layout(kind, mla=True, dtype=torch.float8_e5m2, layers=5, page_size=3, head_dim=36)
     src = random_host(layout, seed=2)
     keys = keys_for(6, 3)
-    store = open_store(src, tmp_path, batch_pages=2)
+    store = open_store(src, tmp_path, fsync=True)
     order = [5, 0, 3, 1, 4, 2]          # pages scattered in the pool, in any order
     slots = torch.cat([page_slots(p, 1, 3) for p in order])
     assert store.batch_set(keys, slots) == [True] * 6
@@ -183,6 +183,23 @@ def test_round_trip_mla_fp8_odd_sizes(tmp_path, kind):
     assert open_store(dst, tmp_path).batch_get(keys, slots.flip(0).view(-1, 3).flip(1).reshape(-1)) == [True] * 6
     for i, p in enumerate(order):
         assert_pages_equal(src, p, dst, order[::-1][i], 1)
+
+
+@pytest.mark.gpu
+def test_round_trip_pinned_host_pool(tmp_path):
+    """The manager's host pool is pinned (page-locked through CUDA)."""
+    layout = make_layout("page_first")
+    src = KVBuffer.allocate(layout, pin_memory=True)
+    for t in src.tensors():
+        t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, dtype=torch.uint8))
+    dst = KVBuffer.allocate(layout, pin_memory=True)
+    for t in dst.tensors():
+        t.view(torch.uint8).fill_(POISON)
+    assert src.is_pinned() and dst.is_pinned()
+    keys = keys_for(3, 4)
+    assert open_store(src, tmp_path).batch_set(keys, page_slots(0, 3, 4)) == [True] * 3
+    assert open_store(dst, tmp_path).batch_get(keys, page_slots(3, 3, 4)) == [True] * 3
+    assert_pages_equal(src, 0, dst, 3, 3)
 
 
 def test_layouts_and_namespaces_do_not_share_pages(tmp_path):

@@ -53,6 +53,7 @@ def test_write_back_lookup_prefetch_round_trip(tmp_path):
     w, r = writer.stats(), reader.stats()
     assert w["write_stored_pages"] == 5 and w["write_existing_pages"] == 3
     assert w["bytes_written"] == 5 * writer.store.page_bytes and w["write_seconds"] > 0
+    assert w["write_back_seconds"] >= w["write_seconds"]
     assert r["lookup_hit_pages"] == 5 and r["lookup_pages"] == 6
     assert r["prefetch_loaded_pages"] == 5 and r["bytes_read"] == 5 * reader.store.page_bytes
     writer.close()
@@ -312,6 +313,8 @@ def test_bad_input_raises_in_the_callers_thread(tmp_path):
         tier.write_back(keys_for(2, 4), page_slots(0, 1, 4))
     with pytest.raises(ValueError, match="host_indices"):
         tier.prefetch(keys_for(2, 4), torch.arange(1, 9))
+    with pytest.raises(ValueError, match="keys"):
+        tier.lookup(["not-a-hash"])
     with pytest.raises(ValueError, match="policy"):
         tier.prefetch(keys_for(1, 4), page_slots(0, 1, 4), policy="eager")
     tier.close()

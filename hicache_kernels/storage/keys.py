@@ -50,9 +50,8 @@ def page_keys(token_ids: Sequence[int], page_size: int, prior_key: str | None = 
             a chain (None at the start of a sequence).
 
     Example:
-        >>> page_keys(list(range(10)), page_size=4)  # two pages, 2 tokens left over
-        ... # doctest: +ELLIPSIS
-        ['...', '...']
+        >>> len(page_keys(list(range(10)), page_size=4))  # 2 tokens left over
+        2
     """
     if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size <= 0:
         raise ValueError(f"page_size: expected a positive int, got {page_size!r}")

@@ -259,6 +259,9 @@ class NixlFileStore:
                     ok[i] = True
                 except OSError as e:
                     self._write_failed(e, 1)
+            if self.config.fsync:  # make the renames themselves durable
+                for folder in {os.path.dirname(tmp) for i, _, tmp in temps if ok[i]}:
+                    _quiet(_fsync_dir, folder)
         finally:
             for i, fd, tmp in temps:  # whatever was not committed disappears
                 if fd >= 0:
@@ -412,6 +415,14 @@ def host_regions(host: KVBuffer) -> list[tuple[int, int, int, str]]:
         else:
             merged.append([start, size])
     return [(start, size, 0, "") for start, size in merged]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _quiet(fn, *args, **kwargs) -> None:

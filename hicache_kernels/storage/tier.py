@@ -188,7 +188,7 @@ class StorageTier:
             lookups=0, lookup_pages=0, lookup_hit_pages=0,
             prefetches=0, prefetch_pages=0, prefetch_loaded_pages=0, prefetch_seconds=0.0,
             write_backs=0, write_pages=0, write_existing_pages=0, write_stored_pages=0,
-            write_failed_pages=0, write_dropped_pages=0, write_seconds=0.0,
+            write_failed_pages=0, write_dropped_pages=0, write_back_seconds=0.0,
         )
         self._pending_write_pages = 0
         self._idle = threading.Condition(self._lock)
@@ -248,6 +248,8 @@ class StorageTier:
         if self.enabled and keys:
             try:
                 hit = self.store.batch_exists(keys)
+            except ValueError:
+                raise  # malformed keys: the caller's bug
             except Exception:
                 log.exception("storage: lookup failed; treated as a miss")
         self._stats.add(lookups=1, lookup_pages=len(keys), lookup_hit_pages=hit)
@@ -347,7 +349,7 @@ class StorageTier:
                 log.exception("storage: write-back failed; pages stay in the host tier only")
             failed = handle.num_pages - sum(handle.stored)
             self._stats.add(write_stored_pages=stored, write_failed_pages=failed,
-                        write_seconds=time.perf_counter() - start)
+                            write_back_seconds=time.perf_counter() - start)
             handle._finish()
             with self._idle:
                 self._pending_write_pages -= handle.num_pages
