@@ -452,3 +452,11 @@ def test_bad_arguments_raise_and_write_nothing(tmp_path):
     with pytest.raises(TypeError, match="host: expected a KVBuffer"):
         NixlFileStore(layout, {"directory": str(tmp_path)})
     assert not [f for _, _, files in os.walk(tmp_path) for f in files]
+
+
+def test_a_closed_store_answers_misses(tmp_path):
+    layout, src, keys, store = _written(tmp_path, n=2)
+    store.close()
+    store.close()
+    assert store.batch_get(keys, page_slots(3, 2, 4)) == [False, False]
+    assert store.batch_set(keys_for(1, 4, seed=5), page_slots(0, 1, 4)) == [False]

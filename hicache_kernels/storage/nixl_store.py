@@ -126,7 +126,7 @@ class NixlFileStore:
         self._prepare_directory()
         self._nixl = import_nixl()
         self._start_agent(agent_name or f"hicache-storage-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        self._host = host
+        self._host = host  # NIXL holds its address: keep the pool alive as long as the store
         self._register_host(host)
         log.info("storage: %s", self.status())
 
@@ -286,6 +286,7 @@ class NixlFileStore:
             return
         self._closed = True
         _quiet(self.agent.deregister_memory, self._host_reg, backends=[self.plugin])
+        self.agent = None  # NIXL stops the agent; later transfers fail softly (logged misses)
 
     def __del__(self):
         if getattr(self, "_host_reg", None) is not None:
