@@ -320,3 +320,46 @@ def test_hicache_tier_loads_evicted_history_bytes_intact():
         tier.release(a, keep=3)
     finally:
         tier.close()
+
+
+def test_nvtx_flag_marks_cases_and_operations(monkeypatch, tmp_path, capsys):
+    import contextlib
+
+    import nvtx
+
+    from hicache_kernels import nvtx_ranges
+
+    seen = []
+    monkeypatch.setattr(nvtx, "annotate",
+                        lambda name, domain: seen.append((domain, name)) or contextlib.nullcontext())
+    try:
+        code, out = run_cli(["kernels", "--nvtx", "--backend", "reference", "--op", "load",
+                             "--page-size", "64", "--layout", "layer_first", "--no-baselines",
+                             "--reps", "1", "--warmup", "0", "--out", str(tmp_path)], capsys)
+        code2, _ = run_cli(["e2e", "--nvtx", "--clients", "2", "--rounds", "2",
+                            "--out", str(tmp_path)], capsys)
+    finally:
+        nvtx_ranges.enable(False)
+    assert code == code2 == 0
+    names = [n for d, n in seen if d == "hicache"]
+    assert len(names) == len(seen)
+    for prefix in ("bench.case load layer_first P=64", "bench.ceiling h2d",
+                   "layer_first->layer_first L", "bench.e2e.run without HiCache",
+                   "bench.e2e.request client=", "bench.e2e.prefill n=", "bench.e2e.layer L0"):
+        assert any(n.startswith(prefix) for n in names), prefix
+
+
+def test_unavailable_backends_are_listed_and_errors_fail_the_run(monkeypatch, tmp_path, capsys):
+    small = ["--op", "load", "--page-size", "64", "--layout", "layer_first", "--no-baselines",
+             "--reps", "1", "--warmup", "0", "--out", str(tmp_path)]
+    code, out = run_cli(["kernels", "--backend", "cuda", "copy_engine", *small], capsys)
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    if not torch.cuda.is_available():
+        assert code == 0 and all(r["note"].startswith("not available") for r in rows)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel launch failed")
+
+    monkeypatch.setattr(movers, "ours", broken)
+    code, out = run_cli(["kernels", "--backend", "reference", *small], capsys)
+    assert code == 1 and "FAILED" in out and "kernel launch failed" in out

@@ -286,6 +286,8 @@ def cmd_kernels(args, console) -> int:
     console.print(report.kernels_table(result))
     for note in result["notes"]:
         console.print(f"note: {note}")
+    for why in report.skipped_baselines(result):
+        console.print(f"baseline not run: {why}")
     if any(r.get("overlapped") is False for r in result["rows"]):
         console.print("note: under load, this device ran the GEMMs and the transfers one after "
                       "the other (no overlap), so 'w/ GEMM' numbers are not interference")

@@ -255,13 +255,13 @@ class Engine:
         prompt = history + w.request_length
         total = prompt + w.output_length
         page_ids = [(client, i) for i in range(-(-total // P))]
-        with nvtx_range(f"e2e request client={client} round={round_} tokens={prompt}"):
+        with nvtx_range(f"bench.e2e.request client={client} round={round_} tokens={prompt}"):
             on_device, on_host = self.cache.match(page_ids[: history // P])
             reused = (on_device + on_host) * P
             start, end = self.clock.event(), self.clock.event()
             start.record()
             slots, handle = self.cache.acquire(page_ids, on_device, on_host)
-            with nvtx_range(f"e2e prefill n={prompt - reused} context={prompt}"):
+            with nvtx_range(f"bench.e2e.prefill n={prompt - reused} context={prompt}"):
                 self.fwd.prefill(client=client, slots=slots, first=reused, end=prompt,
                                  handle=handle)
             end.record()
@@ -378,7 +378,7 @@ def run(cfg: E2EConfig, clock: Clock, *, progress=None, tier_factory=None) -> di
         task = progress.add_task(f"e2e {name}", total=w.requests) if progress is not None else None
         tick = (lambda: progress.advance(task)) if progress is not None else None
         try:
-            with nvtx_range(f"e2e run {name}"):
+            with nvtx_range(f"bench.e2e.run {name}"):
                 records = simulate(w, rate, engine.serve, decode_s, on_request=tick)
             clock.sync()
             runs[name] = dict(summarize(records, engine.counts), cache=cache.counters())

@@ -50,7 +50,7 @@ class StandInForward:
         self.weights = [torch.randn(i, o, dtype=compute_dtype, device=dev, generator=gen) / i**0.5
                         for i, o in shapes]
         self.act = torch.randn(max_tokens, widest, dtype=compute_dtype, device=dev, generator=gen)
-        self.out = torch.empty(max_tokens, widest, dtype=compute_dtype, device=dev)
+        self.out = torch.empty(max_tokens * widest, dtype=compute_dtype, device=dev)
         lay = pool.layout
         self.heads, self.head_dim = lay.head_num, lay.head_dim
         self.q_heads = max(self.heads, preset.q_heads_per_rank)
@@ -97,7 +97,7 @@ class StandInForward:
             raise ValueError(f"first, end: expected first < end, got {first}, {end}")
         ctx = slots[:end]
         for layer in range(self.preset.layers):
-            with nvtx_range(f"e2e layer {layer} n={n}"):
+            with nvtx_range(f"bench.e2e.layer L{layer} n={n}"):
                 if handle is not None:
                     handle.wait(layer)
                 self._gemms(n)
@@ -114,7 +114,7 @@ class StandInForward:
     def _gemms(self, n: int) -> None:
         for w in self.weights:
             i, o = w.shape
-            torch.matmul(self.act[:n, :i], w, out=self.out[:n, :o])
+            torch.matmul(self.act[:n, :i], w, out=self.out[: n * o].view(n, o))
 
     def _attention(self, n: int, ctx_slots: torch.Tensor, layer: int) -> None:
         dt, h, d = self.compute_dtype, self.heads, self.head_dim

@@ -18,6 +18,7 @@ GPU every number is a CPU number and says so.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -34,6 +35,8 @@ __all__ = ["Case", "KernelConfig", "run", "sweep", "issue3_suite", "overlap_medi
 OPS = ("load", "backup", "both")
 KERNEL_BACKENDS = ("cuda", "triton")   # the ones an SM budget applies to
 CEILING_OF = {"load": "h2d", "backup": "d2h", "both": "both"}
+# A case whose runs would take longer than this gets fewer of them (slow baselines).
+CASE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,16 @@ def available_backends() -> dict[str, str]:
     return out
 
 
-def sweep(cfg: KernelConfig) -> list[Case]:
+def default_backends(gpu: bool) -> tuple[str, ...]:
+    """Every backend available here; on a GPU not the reference (a test oracle,
+    not a way to move KV: the torch-index baseline stands for plain torch)."""
+    names = [n for n in available_backends() if not n.startswith("!")]
+    return tuple(n for n in names if not (gpu and n == "reference"))
+
+
+def sweep(cfg: KernelConfig, *, gpu: bool = False) -> list[Case]:
     """The cases of a sweep, grouped by (layout, page size) so host pools are reused."""
-    names = cfg.backends or tuple(n for n in available_backends() if not n.startswith("!"))
+    names = cfg.backends or default_backends(gpu)
     cases = []
     for layout in cfg.layouts:
         if cfg.preset.mla and layout == LayoutKind.PAGE_HEAD.value:
@@ -175,8 +185,9 @@ class KernelBench:
         if key not in self._ceilings:
             each = nbytes // 2 if direction == "both" else nbytes
             mover = movers.contiguous(self.clock, direction, each, streams=self.side)
-            with nvtx_range(f"ceiling {direction} {each / 2**20:.0f} MiB"):
-                ms = median(self.clock.time_ms(mover.fn, warmup=self.cfg.warmup, reps=self.cfg.reps))
+            with nvtx_range(f"bench.ceiling {direction} {each / 2**20:.0f} MiB"):
+                ms = median(self.clock.time_ms(mover.fn, warmup=max(1, self.cfg.warmup),
+                                               reps=max(20, self.cfg.reps)))  # cheap: be robust
             self._ceilings[key] = dict(
                 kind="ceiling", op=direction, backend="contiguous", layout="-", page_size=None,
                 tokens=None, blocks=mover.blocks, bytes=mover.nbytes, ms=ms,
@@ -204,22 +215,26 @@ class KernelBench:
             return row
         try:
             mover = self._mover(case)
+            if isinstance(mover, str):       # does not apply here: say why
+                row["note"] = mover
+                return row
+            self._measure(case, mover, row)
         except (RuntimeError, ValueError, TypeError) as exc:
-            row["note"] = f"error: {exc}"
-            row["error"] = True
-            return row
-        if isinstance(mover, str):
-            row["note"] = mover
-            return row
-        with nvtx_range(f"case {case.id}"):
+            row.update(note=f"error: {type(exc).__name__}: {exc}", error=True)
+        return row
+
+    def _measure(self, case: Case, mover: movers.Mover, row: dict) -> None:
+        with nvtx_range(f"bench.case {case.id}"):
             movers.poison(mover, seed=self.cfg.seed)
+            started = time.perf_counter()
             mover.fn()
             self.clock.sync()
+            warmup, reps = self._runs(time.perf_counter() - started)
             row["verified"] = movers.verify(mover, seed=self.cfg.seed)
-            ms = median(self.clock.time_ms(mover.fn, warmup=self.cfg.warmup, reps=self.cfg.reps))
+            ms = median(self.clock.time_ms(mover.fn, warmup=warmup, reps=reps))
         ceiling = self.ceiling(CEILING_OF[case.op], mover.nbytes)
         gbps = mover.nbytes / ms / 1e6
-        row.update(blocks=mover.blocks, bytes=mover.nbytes, ms=ms, gbps=gbps,
+        row.update(blocks=mover.blocks, bytes=mover.nbytes, ms=ms, reps=reps, gbps=gbps,
                    ceiling_gbps=ceiling["gbps"], pct_of_ceiling=100.0 * gbps / ceiling["gbps"],
                    note=mover.note)
         if not row["verified"]:
@@ -228,7 +243,14 @@ class KernelBench:
             row.update(self.under_load(case, mover, ms))
         if case.target_pct is not None or case.target_gemm_pct is not None:
             row["meets"] = self._meets(case, row)
-        return row
+
+    def _runs(self, first_s: float) -> tuple[int, int]:
+        """(warmup, reps): the configured ones, fewer (at least 3 timed) when a case
+        is so slow that they would take more than ``CASE_SECONDS``."""
+        cfg = self.cfg
+        if first_s * (cfg.warmup + cfg.reps) <= CASE_SECONDS:
+            return cfg.warmup, cfg.reps
+        return min(cfg.warmup, 1), max(3, min(cfg.reps, int(CASE_SECONDS / max(first_s, 1e-9))))
 
     def _mover(self, case: Case):
         args = (self.pools, case.op, case.layout, case.page_size, case.tokens)
@@ -261,7 +283,7 @@ class KernelBench:
             def fn():
                 torch.matmul(a, b, out=c)
 
-            with nvtx_range(f"gemm alone {n}^3"):
+            with nvtx_range(f"bench.gemm {n}^3 alone"):
                 ms = median(self.clock.time_ms(fn, warmup=self.cfg.warmup, reps=max(10, self.cfg.reps)))
             self._gemm = dict(fn=fn, ms=ms, size=n, tflops=2 * n**3 / ms / 1e9)
         return self._gemm
@@ -276,7 +298,7 @@ class KernelBench:
         gemm_stream = clock.stream()
         transfer_stream = clock.stream(high_priority=True)
         queued = []
-        with nvtx_range(f"under-load {case.id}"):
+        with nvtx_range(f"bench.under-load {case.id}"):
             clock.sync()
             go = clock.event()
             clock.hold(30.0)   # both streams start together after this
@@ -339,7 +361,7 @@ def overlap_medians(gemm_spans: list[tuple[float, float]],
 def run(cfg: KernelConfig, clock: Clock, cases: list[Case] | None = None, *,
         progress=None) -> dict:
     """Run ``cases`` (default: the sweep of ``cfg``); return the result document."""
-    cases = sweep(cfg) if cases is None else cases
+    cases = sweep(cfg, gpu=clock.gpu) if cases is None else cases
     bench = KernelBench(cfg, clock, cases)
     rows = []
     task = progress.add_task("kernels", total=len(cases)) if progress is not None else None
@@ -360,7 +382,8 @@ def run(cfg: KernelConfig, clock: Clock, cases: list[Case] | None = None, *,
                       tp=g.tp, item_bytes=g.item_bytes, token_layer_bytes=g.token_layer_bytes,
                       source=g.source, load_layer=bench.load_layer),
         config=dict(tokens=cfg.tokens, page_sizes=list(cfg.page_sizes), layouts=list(cfg.layouts),
-                    backends=list(cfg.backends) or "available", sm_budgets=list(cfg.sm_budgets),
+                    backends=sorted({c.backend for c in cases if c.kind == "ours"}),
+                    sm_budgets=list(cfg.sm_budgets),
                     ops=list(cfg.ops), baselines=cfg.baselines, under_load=cfg.under_load,
                     gemm_size=cfg.gemm_size, warmup=cfg.warmup, reps=cfg.reps, seed=cfg.seed,
                     num_warps=cfg.num_warps, suite=cfg.suite),

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["console", "kernels_table", "e2e_table", "write_json", "write_csv", "plot_kernels",
+__all__ = ["console", "kernels_table", "skipped_baselines", "e2e_table", "write_json", "write_csv", "plot_kernels",
            "machine_line"]
 
 CPU_LABEL = "CPU numbers (no GPU here): they check that the code runs, not how fast a GPU is"
@@ -63,6 +63,8 @@ def kernels_table(result: dict) -> Table:
         table.add_column("meets", justify="center")
     table.add_column("note", overflow="fold")
     for r in rows:
+        if r["kind"] == "baseline" and r["gbps"] is None and not r.get("error"):
+            continue   # a baseline that does not apply: listed once by skipped_baselines()
         backend = r["backend"] + (" (baseline)" if r["kind"] == "baseline" else "")
         verified = {True: "yes", False: "[red]NO[/]", None: "-"}[r.get("verified")]
         cells = [r["op"], r["layout"], _num(r["page_size"], "d"), _num(r["tokens"], "d"), backend,
@@ -87,6 +89,15 @@ def kernels_table(result: dict) -> Table:
         cells.append(c["note"])
         table.add_row(*cells, style="dim")
     return table
+
+
+def skipped_baselines(result: dict) -> list[str]:
+    """Why baselines were not run, once per reason."""
+    seen: dict[str, list[str]] = {}
+    for r in result["rows"]:
+        if r["kind"] == "baseline" and r["gbps"] is None and not r.get("error"):
+            seen.setdefault(f"{r['backend']}: {r['note']}", []).append(r["layout"])
+    return [f"{why} ({', '.join(sorted(set(where)))})" for why, where in seen.items()]
 
 
 def e2e_table(result: dict) -> Table:
@@ -169,19 +180,28 @@ def plot_kernels(path: Path, result: dict) -> Path | None:
     cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    names = sorted({(r["kind"], r["backend"], r["sm_budget"] or 0) for r in rows})
+    palette = plt.get_cmap("tab10").colors
+    color = {(k, b, sm or None): palette[i % len(palette)] for i, (k, b, sm) in enumerate(names)}
     for ax, (op, layout) in zip(axes.flat, panels):
         mine = [r for r in rows if (r["op"], r["layout"]) == (op, layout)]
-        lines: dict[str, list] = {}
+        lines: dict[tuple, list] = {}
         for r in mine:
-            name = r["backend"] + ("" if r["sm_budget"] is None else f" sm={r['sm_budget']}")
-            lines.setdefault(name, []).append((r["page_size"], r["gbps"], r["tokens"]))
-        for name, pts in sorted(lines.items()):
+            key = (r["kind"], r["backend"], r["sm_budget"])
+            lines.setdefault(key, []).append((r["page_size"], r["gbps"]))
+        for (kind, backend, sm), pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
             pts.sort()
-            ax.plot([p for p, _, _ in pts], [g for _, g, _ in pts], marker="o", label=name)
+            baseline = kind == "baseline"
+            label = backend + ("" if sm is None else f" sm={sm}") + (" (baseline)" if baseline else "")
+            ax.plot([p for p, _ in pts], [g for _, g in pts], marker="x" if baseline else "o",
+                    linestyle=":" if baseline else "-", color=color[(kind, backend, sm)],
+                    label=label)
         ceilings = {r["ceiling_gbps"] for r in mine if r.get("ceiling_gbps")}
         for c in sorted(ceilings):
             ax.axhline(c, linestyle="--", color="gray", linewidth=1)
         ax.set_xscale("log", base=2)
+        pages = sorted({r["page_size"] for r in mine})
+        ax.set_xticks(pages, [str(p) for p in pages])
         ax.set_title(f"{op}, host {layout}", fontsize=9)
         ax.set_xlabel("page size (tokens)")
         ax.set_ylabel("CPU GB/s" if result["cpu_only"] else "GB/s")

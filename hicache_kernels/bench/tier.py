@@ -90,7 +90,7 @@ class HiCacheTier:
         ids = list(page_ids)
         hits, loads, new = ids[:on_device], ids[on_device:on_device + on_host], ids[on_device + on_host:]
         parts = []
-        with nvtx_range(f"e2e acquire hit={len(hits)} load={len(loads)} new={len(new)} pages"):
+        with nvtx_range(f"bench.e2e.acquire hit={len(hits)} load={len(loads)} new={len(new)} pages"):
             if hits:
                 mgr.pin(hits)
                 parts.append(mgr.device_indices(hits))
@@ -112,7 +112,7 @@ class HiCacheTier:
         them up), drop the rest."""
         mgr = self.mgr
         ids = list(page_ids)
-        with nvtx_range(f"e2e release keep={keep} pages"):
+        with nvtx_range(f"bench.e2e.release keep={keep} pages"):
             mgr.unpin(ids)
             if ids[keep:]:
                 mgr.free(ids[keep:])

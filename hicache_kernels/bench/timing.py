@@ -70,10 +70,8 @@ class Clock:
         forward pass waits on gets ahead of queued compute."""
         if not self.gpu:
             return None
-        if high_priority:
-            low, high = torch.cuda.Stream.priority_range()
-            return torch.cuda.Stream(self.device, priority=high)
-        return torch.cuda.Stream(self.device)
+        # -1 is above the default 0 on every CUDA device (lower number, higher priority)
+        return torch.cuda.Stream(self.device, priority=-1 if high_priority else 0)
 
     def current_stream(self):
         return torch.cuda.current_stream(self.device) if self.gpu else None
