@@ -13,7 +13,7 @@ import torch
 from .. import __version__, backends, nvtx_ranges
 from ..layouts import LayoutKind
 from . import e2e, kernels, report
-from .presets import DTYPES, PRESETS, TINY, ModelPreset
+from .presets import DTYPES, PRESETS, ModelPreset
 from .timing import Clock
 
 DESCRIPTION = """\
@@ -213,13 +213,13 @@ def _clock(args) -> Clock:
 
 def kernels_config(args, clock: Clock) -> tuple[kernels.KernelConfig, list | None]:
     if args.suite:
+        if not clock.gpu:
+            raise SystemExit("hicache-bench: --suite issue3 measures GPU targets; no GPU here")
         cfg, cases = kernels.issue3_suite()
         cfg.warmup = args.warmup if args.warmup is not None else cfg.warmup
         cfg.reps = args.reps or cfg.reps
         cfg.seed = args.seed
         cfg.gemm_size = args.gemm_size or cfg.gemm_size
-        if not clock.gpu:
-            raise SystemExit("hicache-bench: --suite issue3 measures GPU targets; no GPU here")
         return cfg, cases
     preset = _preset(args, PRESETS["llama-3.1-8b"])
     cfg = (kernels.quick_config(preset, clock.gpu) if args.quick or not clock.gpu
@@ -238,7 +238,7 @@ def kernels_config(args, clock: Clock) -> tuple[kernels.KernelConfig, list | Non
     cfg.under_load = args.under_load
     cfg.baselines = not args.no_baselines
     cfg.seed = args.seed
-    if args.layers is not None and args.quick and not clock.gpu:
+    if args.layers is not None and not clock.gpu:   # asked for: not cut to the CPU's 4
         cfg.preset = replace(cfg.preset, layers=args.layers)
     return cfg, None
 
@@ -248,9 +248,7 @@ def e2e_config(args, clock: Clock) -> e2e.E2EConfig:
     if clock.gpu and not args.quick:
         cfg = e2e.E2EConfig(preset=preset)
     else:
-        cfg = e2e.quick_config(preset if clock.gpu else TINY, clock.gpu)
-        if not clock.gpu and (args.preset or preset is not PRESETS["llama-3.1-8b"]):
-            cfg.notes.append(f"CPU: the {preset.name} forward pass replaced by the tiny stand-in")
+        cfg = e2e.quick_config(preset, clock.gpu)
     w = cfg.workload
     for flag in ("clients", "rounds", "request_length", "output_length", "request_rate",
                  "max_parallel"):

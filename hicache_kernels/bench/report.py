@@ -127,7 +127,7 @@ def e2e_table(result: dict) -> Table:
         (f"TTFT p90 ({ms})", "ttft_p90_ms", ".2f"),
         ("throughput (req/s)", "throughput_rps", ".2f"),
         ("input throughput (tok/s)", "input_tokens_per_s", ".0f"),
-        ("loads checked by bytes", "loads_verified", "s"),
+        ("reused KV checked by bytes", "loads_verified", "s"),
     ]
     for label, key, fmt in metrics:
         cells = [label]
