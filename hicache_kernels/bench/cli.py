@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 

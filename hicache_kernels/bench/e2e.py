@@ -29,10 +29,9 @@ Only whole pages are cached (SGLang's paged radix cache does the same).
 from __future__ import annotations
 
 import heapq
-import math
 import random
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol, Sequence
 
 import torch

@@ -106,7 +106,8 @@ def sweep(cfg: KernelConfig, *, gpu: bool = False) -> list[Case]:
     cases = []
     for layout in cfg.layouts:
         if cfg.preset.mla and layout == LayoutKind.PAGE_HEAD.value:
-            continue  # SGLang has no MLA page_head
+            cfg.notes.append("page_head skipped: it is defined for MHA only (SGLang has no MLA page_head)")
+            continue
         for page in cfg.page_sizes:
             for op in cfg.ops:
                 for name in names:
@@ -185,14 +186,14 @@ class KernelBench:
         if key not in self._ceilings:
             each = nbytes // 2 if direction == "both" else nbytes
             mover = movers.contiguous(self.clock, direction, each, streams=self.side)
-            with nvtx_range(f"bench.ceiling {direction} {each / 2**20:.0f} MiB"):
+            with nvtx_range(f"bench.ceiling {direction} {_size(each)}"):
                 ms = median(self.clock.time_ms(mover.fn, warmup=max(1, self.cfg.warmup),
                                                reps=max(20, self.cfg.reps)))  # cheap: be robust
             self._ceilings[key] = dict(
                 kind="ceiling", op=direction, backend="contiguous", layout="-", page_size=None,
                 tokens=None, blocks=mover.blocks, bytes=mover.nbytes, ms=ms,
                 gbps=mover.nbytes / ms / 1e6, verified=None,
-                note=f"ceiling: {each / 2**20:.0f} MiB contiguous" + (" each way at once" if direction == "both" else ""),
+                note=f"ceiling: {_size(each)} contiguous" + (" each way at once" if direction == "both" else ""),
             )
             del mover
         return self._ceilings[key]
@@ -320,6 +321,10 @@ class KernelBench:
             overlapped=overlapped,
         )
         return out
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KiB"
 
 
 def _target_text(case: Case) -> str:
