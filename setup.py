@@ -17,6 +17,8 @@ setup(
         "triton>=3.2",
         "numpy",      # the Triton interpreter needs it
         "nvtx>=0.2",  # NVTX ranges; a no-op without a GPU
+        "rich>=13",   # hicache-bench: tables and progress bars (the main job, so not an extra)
+        "matplotlib>=3.7",  # hicache-bench: the GB/s plot
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"],
