@@ -14,6 +14,9 @@
 #ifndef HCK_ARCHS
 #define HCK_ARCHS "unknown"
 #endif
+#ifndef HCK_SOURCE_HASH
+#define HCK_SOURCE_HASH "unknown"
+#endif
 
 namespace hicache {
 
@@ -58,11 +61,11 @@ HCK_API void hck_struct_sizes(int64_t* side, int64_t* copy, int64_t* memcpy_desc
 
 HCK_API const char* hck_last_error(void) { return hicache::g_last_error.c_str(); }
 
-// "cuda=<toolkit version>;archs=<CMake architecture list>"
+// "cuda=<toolkit>;archs=<CMake architecture list>;source=<digest of csrc/>"
 HCK_API const char* hck_build_info(void) {
-  static char info[256];
-  std::snprintf(info, sizeof(info), "cuda=%d.%d;archs=%s", CUDART_VERSION / 1000, (CUDART_VERSION % 1000) / 10,
-                HCK_ARCHS);
+  static char info[512];
+  std::snprintf(info, sizeof(info), "cuda=%d.%d;archs=%s;source=%s", CUDART_VERSION / 1000,
+                (CUDART_VERSION % 1000) / 10, HCK_ARCHS, HCK_SOURCE_HASH);
   return info;
 }
 
