@@ -308,16 +308,19 @@ int launch_bulk(const HckCopyDesc& d, cudaStream_t stream) {
   int optin = 0;
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d.device);
   const uint32_t warps = uint32_t(d.warps_per_block);
-  const uint32_t stage_bytes = d.stage_bytes > 0 ? uint32_t(d.stage_bytes) : 16384u;
-  if (stage_bytes % 16) {
-    set_error("stage_bytes: expected a multiple of 16");
+  const int64_t room = int64_t(optin) - barrier_region(warps, 8);
+  // Defaults: 16 KiB stages (smaller when many warps share the block, so each
+  // still gets 4), and as many stages as fit, at most 8.
+  uint32_t stage_bytes = uint32_t(d.stage_bytes);
+  if (stage_bytes == 0) {
+    stage_bytes = uint32_t(std::min<int64_t>(16384, room / (int64_t(warps) * 4)) / 16 * 16);
+  }
+  if (stage_bytes == 0 || stage_bytes % 16) {
+    set_error("stage_bytes: expected a positive multiple of 16");
     return HCK_ERR_INVALID_ARGUMENT;
   }
   uint32_t stages = uint32_t(d.stages);
-  if (stages == 0) {  // as many stages as fit, at most 8: more adds latency, not bandwidth
-    const int64_t room = int64_t(optin) - 1024;
-    stages = uint32_t(std::min<int64_t>(8, room / (int64_t(warps) * stage_bytes)));
-  }
+  if (stages == 0) stages = uint32_t(std::min<int64_t>(8, room / (int64_t(warps) * stage_bytes)));
   const int64_t smem = barrier_region(warps, stages) + int64_t(warps) * stages * stage_bytes;
   if (stages < kMinBulkStages || smem > optin) {
     set_error("bulk kernel: " + std::to_string(warps) + " warps x " + std::to_string(stages) +
