@@ -25,6 +25,9 @@ LIB_NAME = "libhicache_cuda.so"
 MIN_CUDA = (12, 0)
 
 
+DEFAULT_NVCC = "/usr/local/cuda/bin/nvcc"
+
+
 def find_nvcc() -> str | None:
     """nvcc from CUDA_HOME / CUDA_PATH, else PATH, else /usr/local/cuda."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
@@ -34,8 +37,7 @@ def find_nvcc() -> str | None:
     found = shutil.which("nvcc")
     if found:
         return found
-    default = "/usr/local/cuda/bin/nvcc"
-    return default if os.access(default, os.X_OK) else None
+    return DEFAULT_NVCC if os.access(DEFAULT_NVCC, os.X_OK) else None
 
 
 def nvcc_version(nvcc: str) -> tuple[int, int] | None:

@@ -125,9 +125,7 @@ def issue(plan: TransferPlan, runs: Runs, *, stream: "torch.cuda.Stream | None" 
     desc = _native.MemcpyDesc(device=device.index)
     if len(runs) == 0 or plan.num_planes == 0:
         return desc
-    srcs = (_host_bases(plan.src)[:, None] + runs.src_offsets[None, :]).reshape(-1)
-    dsts = (_host_bases(plan.dst)[:, None] + runs.dst_offsets[None, :]).reshape(-1)
-    sizes = runs.nbytes.repeat(plan.num_planes)
+    dsts, srcs, sizes = descriptors(plan, runs)
     th = thresholds.current(device)
     torch_stream = stream if stream is not None else torch.cuda.current_stream(device)
     desc.dsts, desc.srcs, desc.sizes = dsts.data_ptr(), srcs.data_ptr(), sizes.data_ptr()
@@ -141,6 +139,14 @@ def issue(plan: TransferPlan, runs: Runs, *, stream: "torch.cuda.Stream | None" 
     lib = _native.library()[0]
     _native.check(lib.hck_memcpy_runs(ctypes.byref(desc)), f"backend 'copy_engine': {plan.label}")
     return desc
+
+
+def descriptors(plan: TransferPlan, runs: Runs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dsts, srcs, sizes)``: int64 CPU tensors ``[num_planes * n_runs]``, plane by
+    plane, the addresses and lengths the copy engines are given."""
+    srcs = (_host_bases(plan.src)[:, None] + runs.src_offsets[None, :]).reshape(-1)
+    dsts = (_host_bases(plan.dst)[:, None] + runs.dst_offsets[None, :]).reshape(-1)
+    return dsts, srcs, runs.nbytes.repeat(plan.num_planes)
 
 
 def _host_bases(side: PlaneSet) -> torch.Tensor:

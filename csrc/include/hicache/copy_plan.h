@@ -36,15 +36,18 @@ struct SidePlan {
   FastDivmod page;  // by page_size, for slots below 2^32
 };
 
+// Slots of 2^32 and beyond: a 64-bit division, out of line (it never runs in practice).
+HCK_HD_COLD int64_t wide_slot_offset(const SidePlan& s, int64_t slot) {
+  return (slot / s.page_size) * s.page_stride + (slot % s.page_size) * s.slot_stride;
+}
+
 // Byte offset of a slot's item from its plane's base.
 HCK_HD int64_t slot_offset(const SidePlan& s, int64_t slot) {
   if (s.page_size == 1) return slot * s.page_stride;
-  if (slot <= int64_t(0xffffffff)) {
-    uint32_t page, in_page;
-    s.page.divmod(uint32_t(slot), page, in_page);
-    return int64_t(page) * s.page_stride + int64_t(in_page) * s.slot_stride;
-  }
-  return (slot / s.page_size) * s.page_stride + (slot % s.page_size) * s.slot_stride;
+  if (slot > int64_t(0xffffffff)) return wide_slot_offset(s, slot);
+  uint32_t page, in_page;
+  s.page.divmod(uint32_t(slot), page, in_page);
+  return int64_t(page) * s.page_stride + int64_t(in_page) * s.slot_stride;
 }
 
 // Byte offset of (slot, chunk) + byte from the plane's base.

@@ -8,9 +8,11 @@
 // Code shared by the device and the host emulation test.
 #if defined(__CUDACC__)
 #define HCK_HD __host__ __device__ __forceinline__
+#define HCK_HD_COLD __host__ __device__ __noinline__
 #define HCK_UNROLL _Pragma("unroll")
 #else
 #define HCK_HD inline
+#define HCK_HD_COLD inline
 #define HCK_UNROLL
 #endif
 
