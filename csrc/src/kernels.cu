@@ -306,7 +306,11 @@ int launch_bulk(const HckCopyDesc& d, cudaStream_t stream) {
     return HCK_ERR_UNSUPPORTED;
   }
   int optin = 0;
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d.device);
+  cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d.device);
+  if (e != cudaSuccess) {
+    set_error(cuda_message(e, "bulk kernel: asking the shared memory a block may have"));
+    return int(e);
+  }
   const uint32_t warps = uint32_t(d.warps_per_block);
   const int64_t room = int64_t(optin) - barrier_region(warps, 8);
   // Defaults: 16 KiB stages (smaller when many warps share the block, so each
@@ -367,15 +371,32 @@ int launch_registers(const HckCopyDesc& d, cudaStream_t stream) {
 
 }  // namespace
 
+namespace {
+// probe_kernels' answers per device (0: not asked yet, else 1 + has_register + 2 * has_bulk),
+// so launches ask the driver nothing (and stay legal during graph capture).
+std::mutex g_probe_mutex;
+int g_probed[64] = {0};
+}  // namespace
+
 int probe_kernels(int device, int* has_register, int* has_bulk) {
   *has_register = 0;
   *has_bulk = 0;
+  {
+    std::lock_guard<std::mutex> lock(g_probe_mutex);
+    if (device >= 0 && device < 64 && g_probed[device]) {
+      *has_register = (g_probed[device] - 1) & 1;
+      *has_bulk = ((g_probed[device] - 1) >> 1) & 1;
+      return 0;
+    }
+  }
   DeviceGuard guard(device);
   if (guard.status()) return guard.status();
   cudaFuncAttributes attr;
   cudaError_t e = cudaFuncGetAttributes(&attr, copy_registers_kernel<16, false>);
   if (e == cudaErrorInvalidDeviceFunction || e == cudaErrorNoKernelImageForDevice) {
     cudaGetLastError();
+    std::lock_guard<std::mutex> lock(g_probe_mutex);
+    if (device >= 0 && device < 64) g_probed[device] = 1;
     return 0;
   }
   if (e != cudaSuccess) {
@@ -387,6 +408,8 @@ int probe_kernels(int device, int* has_register, int* has_bulk) {
   // PTX version 90+: compiled for sm_90 or newer, not JIT-compiled from older PTX
   *has_bulk = e == cudaSuccess && attr.ptxVersion >= 90;
   cudaGetLastError();
+  std::lock_guard<std::mutex> lock(g_probe_mutex);
+  if (device >= 0 && device < 64) g_probed[device] = 1 + *has_register + 2 * *has_bulk;
   return 0;
 }
 

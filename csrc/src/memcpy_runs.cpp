@@ -245,7 +245,8 @@ int issue_memcpy_runs(HckMemcpyDesc& d) {
     return rc;
   }
 
-  if (int rc = ensure_helpers(st, groups)) return rc;
+  // all the helpers at once, so a later call (perhaps under graph capture) creates none
+  if (int rc = ensure_helpers(st, std::max(groups, d.max_streams))) return rc;
   std::vector<int64_t> starts(size_t(groups) + 1);
   groups = partition_by_bytes(d.sizes, d.count, groups, starts.data());
   e = cudaEventRecord(st.fork, caller);

@@ -68,13 +68,16 @@ def launch(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Ten
            sm_budget: int, num_warps: int, stream: "torch.cuda.Stream | None", backend: str,
            stage_bytes: int = 0, stages: int = 0) -> None:
     """Fill the C descriptor for ``plan`` and launch ``kernel`` on ``stream``."""
-    ok, why = _available(kernel)
-    if not ok:
-        raise RuntimeError(f"backend: {backend!r} is not available here: {why}")
     device = plan.device
     if device.type != "cuda":
-        raise RuntimeError(f"backend: {backend!r} needs a CUDA side; {plan.src.name} and "
+        ok, why = _available(kernel)
+        raise RuntimeError(f"backend: {backend!r} is not available here: {why}" if not ok else
+                           f"backend: {backend!r} needs a CUDA side; {plan.src.name} and "
                            f"{plan.dst.name} are both on {device}")
+    info, why = _native.device_info(device.index)  # cached: nothing to ask the driver per call
+    if info is None or not info.has_register_kernel or (kernel == _native.KERNEL_BULK
+                                                        and not info.has_bulk_kernel):
+        raise RuntimeError(f"backend: {backend!r} is not available here: {_available(kernel)[1]}")
     n_items = src_indices.numel()
     if n_items == 0 or plan.num_planes == 0:
         return
