@@ -95,12 +95,18 @@ std::string cuda_message(cudaError_t e, const char* what) {
   return std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
 }
 
-// Helper streams and the events that fork them from, and join them to, a caller.
-struct DeviceState {
-  std::mutex mutex;
+// Helper streams and the events that fork them from, and join them to, a
+// caller. Captures get their own set: a helper that joins a capture stays in it
+// until the capture ends, and eager copies must never land in that graph.
+struct Helpers {
   std::vector<cudaStream_t> streams;
   std::vector<cudaEvent_t> joins;
   cudaEvent_t fork = nullptr;
+};
+
+struct DeviceState {
+  std::mutex mutex;
+  Helpers eager, capture;
   bool batch_refused = false;  // the batch call failed once here: per run from then on
   std::string refusal;         // why, for hck_probe's callers
 };
@@ -114,15 +120,15 @@ DeviceState& device_state(int device) {
   return *states[size_t(device)];
 }
 
-int ensure_helpers(DeviceState& st, int n) {
-  if (!st.fork) {
-    cudaError_t e = cudaEventCreateWithFlags(&st.fork, cudaEventDisableTiming);
+int ensure_helpers(Helpers& h, int n) {
+  if (!h.fork) {
+    cudaError_t e = cudaEventCreateWithFlags(&h.fork, cudaEventDisableTiming);
     if (e != cudaSuccess) {
       set_error(cuda_message(e, "copy engine: creating an event"));
       return int(e);
     }
   }
-  while (int(st.streams.size()) < n) {
+  while (int(h.streams.size()) < n) {
     cudaStream_t s;
     cudaEvent_t ev;
     cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
@@ -131,8 +137,8 @@ int ensure_helpers(DeviceState& st, int n) {
       set_error(cuda_message(e, "copy engine: creating a helper stream"));
       return int(e);
     }
-    st.streams.push_back(s);
-    st.joins.push_back(ev);
+    h.streams.push_back(s);
+    h.joins.push_back(ev);
   }
   return 0;
 }
@@ -245,11 +251,14 @@ int issue_memcpy_runs(HckMemcpyDesc& d) {
     return rc;
   }
 
-  // all the helpers at once, so a later call (perhaps under graph capture) creates none
-  if (int rc = ensure_helpers(st, std::max(groups, d.max_streams))) return rc;
+  // every helper of both sets at once, so a later call (perhaps under capture) creates none
+  const int n_helpers = std::max(groups, d.max_streams);
+  if (int rc = ensure_helpers(st.eager, n_helpers)) return rc;
+  if (int rc = ensure_helpers(st.capture, n_helpers)) return rc;
+  Helpers& h = capture == cudaStreamCaptureStatusNone ? st.eager : st.capture;
   std::vector<int64_t> starts(size_t(groups) + 1);
   groups = partition_by_bytes(d.sizes, d.count, groups, starts.data());
-  e = cudaEventRecord(st.fork, caller);
+  e = cudaEventRecord(h.fork, caller);
   if (e != cudaSuccess) {
     set_error(cuda_message(e, "copy engine: recording the fork event"));
     return int(e);
@@ -257,8 +266,8 @@ int issue_memcpy_runs(HckMemcpyDesc& d) {
   int rc = 0;
   int joined = 0;
   for (int g = 0; g < groups; ++g) {
-    cudaStream_t s = st.streams[size_t(g)];
-    e = cudaStreamWaitEvent(s, st.fork, 0);
+    cudaStream_t s = h.streams[size_t(g)];
+    e = cudaStreamWaitEvent(s, h.fork, 0);
     if (e != cudaSuccess) {
       set_error(cuda_message(e, "copy engine: ordering a helper stream after the caller's"));
       rc = int(e);
@@ -271,8 +280,8 @@ int issue_memcpy_runs(HckMemcpyDesc& d) {
     }
     // join every stream that was forked, even after a failure, so a capture
     // is never left with unjoined work
-    cudaError_t je = cudaEventRecord(st.joins[size_t(g)], s);
-    if (je == cudaSuccess) je = cudaStreamWaitEvent(caller, st.joins[size_t(g)], 0);
+    cudaError_t je = cudaEventRecord(h.joins[size_t(g)], s);
+    if (je == cudaSuccess) je = cudaStreamWaitEvent(caller, h.joins[size_t(g)], 0);
     if (je != cudaSuccess && rc == 0) {
       set_error(cuda_message(je, "copy engine: joining a helper stream back to the caller's"));
       rc = int(je);
