@@ -154,6 +154,18 @@ def device_info(index: int) -> tuple[DeviceInfo | None, str]:
     return DeviceInfo((info[0], info[1]), info[2], bool(info[3]), bool(info[4]), info[5], info[6]), ""
 
 
+def current_device_info() -> tuple[int, DeviceInfo | None, str]:
+    """``(index, info, "")`` for the current CUDA device, or ``(index, None, why not)``."""
+    lib, why = library()
+    if lib is None:
+        return -1, None, why
+    if not torch.cuda.is_available():
+        return -1, None, "no CUDA device (torch.cuda.is_available() is False)"
+    index = torch.cuda.current_device()
+    info, why = device_info(index)
+    return index, info, why
+
+
 def batch_refusal(index: int) -> str:
     """Why the copy engine stopped using cudaMemcpyBatchAsync on a device ("" if it has not)."""
     lib = library()[0]

@@ -33,13 +33,7 @@ _CPU = torch.device("cpu")
 
 
 def available() -> tuple[bool, str]:
-    lib, why = _native.library()
-    if lib is None:
-        return False, why
-    if not torch.cuda.is_available():
-        return False, "no CUDA device (torch.cuda.is_available() is False)"
-    index = torch.cuda.current_device()
-    info, why = _native.device_info(index)
+    index, info, why = _native.current_device_info()
     if info is None:
         return False, why
     how = {13000: "cudaMemcpyBatchAsync (CUDA 13 API)", 12080: "cudaMemcpyBatchAsync (CUDA 12.8 API)"}.get(

@@ -36,13 +36,7 @@ def available() -> tuple[bool, str]:
 
 
 def _available(kernel: int) -> tuple[bool, str]:
-    lib, why = _native.library()
-    if lib is None:
-        return False, why
-    if not torch.cuda.is_available():
-        return False, "no CUDA device (torch.cuda.is_available() is False)"
-    index = torch.cuda.current_device()
-    info, why = _native.device_info(index)
+    index, info, why = _native.current_device_info()
     if info is None:
         return False, why
     archs = _native.build_info().get("archs", "?")
