@@ -153,7 +153,10 @@ def test_package_installs_without_nvcc(tmp_path):
     """With the native build skipped, the wheel holds no library and the package
     still imports and runs the reference backend."""
     env = dict(os.environ, HICACHE_SKIP_NATIVE="1")
-    subprocess.run([os.sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+    source = tmp_path / "source"  # a clean copy: no build folders or libraries from earlier builds
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.so", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    subprocess.run([os.sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
                     "--no-build-isolation", "-q", "-w", str(tmp_path)], check=True, env=env,
                    capture_output=True)
     wheel = next(tmp_path.glob("hicache_kernels-*.whl"))
