@@ -404,6 +404,12 @@ int probe_kernels(int device, int* has_register, int* has_bulk) {
     return int(e);
   }
   *has_register = 1;
+  // Load every kernel now (CUDA loads modules lazily), so none is first loaded
+  // inside a graph capture.
+  for (int width : {8, 4, 2, 1}) {
+    for (bool runtime_align : {false, true}) cudaFuncGetAttributes(&attr, register_kernel(width, runtime_align));
+  }
+  cudaFuncGetAttributes(&attr, register_kernel(16, true));
   e = cudaFuncGetAttributes(&attr, copy_bulk_kernel);
   // PTX version 90+: compiled for sm_90 or newer, not JIT-compiled from older PTX
   *has_bulk = e == cudaSuccess && attr.ptxVersion >= 90;
