@@ -68,6 +68,8 @@ def launch(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Ten
         raise RuntimeError(f"backend: {backend!r} is not available here: {why}" if not ok else
                            f"backend: {backend!r} needs a CUDA side; {plan.src.name} and "
                            f"{plan.dst.name} are both on {device}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     info, why = _native.device_info(device.index)  # cached: nothing to ask the driver per call
     if info is None or not info.has_register_kernel or (kernel == _native.KERNEL_BULK
                                                         and not info.has_bulk_kernel):
@@ -80,11 +82,9 @@ def launch(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Ten
             raise ValueError(f"{what}: expected a contiguous int64 tensor on {device}, got "
                              f"{idx.dtype} on {idx.device}")
     torch_stream = stream if stream is not None else torch.cuda.current_stream(device)
-    src_bases = address_table(plan.src.bases, device)
-    dst_bases = address_table(plan.dst.bases, device)
-    for table, side in ((src_bases, plan.src), (dst_bases, plan.dst)):
-        if isinstance(side.bases, torch.Tensor) and table.data_ptr() != side.bases.data_ptr():
-            table.record_stream(torch_stream)  # a copy made for this call: keep it until the kernel ran
+    with torch.cuda.stream(torch_stream):  # a table copied for this call is copied in stream order
+        src_bases = address_table(plan.src.bases, device)
+        dst_bases = address_table(plan.dst.bases, device)
     n_chunks, chunk_bytes, src_cs, dst_cs = plan.chunks()
     bases_known = plan.bases_known
     alignment = plan.alignment(table_bases=None)
