@@ -1,6 +1,50 @@
-"""hicache-kernels: paged KV-cache transfers between a GPU pool and a pinned host pool."""
+"""hicache-kernels: paged KV-cache transfers between a GPU pool and a pinned host pool.
 
-from setuptools import find_packages, setup
+When nvcc is found, the CUDA library (csrc/, built with CMake by csrc/build.py)
+is built into the package as ``hicache_kernels/libhicache_cuda.so``; without
+nvcc, or with ``HICACHE_SKIP_NATIVE=1``, the package installs without it and
+the reference and Triton backends still work.
+"""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _native():
+    spec = importlib.util.spec_from_file_location("hicache_native_build", ROOT / "csrc" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildNative(build_ext):
+    """Builds the CUDA library with CMake instead of compiling a Python extension."""
+
+    def run(self):
+        reason = _native().skip_reason()
+        if reason:
+            print(f"hicache-kernels: not building the CUDA library ({reason}); the reference "
+                  "and Triton backends still work", file=sys.stderr)
+            self.extensions = []
+        super().run()
+
+    def get_ext_filename(self, fullname):
+        if fullname == "hicache_kernels.libhicache_cuda":
+            return os.path.join("hicache_kernels", _native().LIB_NAME)
+        return super().get_ext_filename(fullname)
+
+    def build_extension(self, ext):
+        native = _native()
+        out = Path(self.get_ext_fullpath(ext.name)).parent
+        native.build(out, Path(self.build_temp).resolve() / "native", jobs=os.cpu_count())
+
 
 setup(
     name="hicache-kernels",
@@ -12,6 +56,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hicache_kernels", "hicache_kernels.*"]),
+    ext_modules=[Extension("hicache_kernels.libhicache_cuda", sources=[])],
+    cmdclass={"build_ext": BuildNative},
     install_requires=[
         "torch>=2.4",
         "triton>=3.2",

@@ -81,6 +81,12 @@ class PlaneAddressing:
         page, in_page = divmod(slot, self.page_size)
         return page * self.page_stride + in_page * self.slot_stride + head * self.head_stride
 
+    def item_offsets(self, slots: torch.Tensor) -> torch.Tensor:
+        """:meth:`item_offset` of head 0 for a tensor of slots (int64, any shape)."""
+        if self.page_size == 1:
+            return slots * self.page_stride
+        return (slots // self.page_size) * self.page_stride + (slots % self.page_size) * self.slot_stride
+
     def byte_alignment(self) -> int:
         """Largest power of two (<= 16) dividing every stride."""
         return _pow2_alignment(self.page_stride, self.slot_stride, self.head_stride)

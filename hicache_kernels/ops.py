@@ -131,8 +131,15 @@ def execute(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Te
         check_launch_options(sm_budget, num_warps)
         backend_module, _ = backends.choose(plan, backend)
         check_devices(plan, backend_module)
-    kernel_device = plan.device if backend_module.name != "reference" else None
-    src_idx, dst_idx = _check_indices(plan, src_indices, dst_indices, kernel_device, check, index_names)
+    # Kernels read indices on their device; the reference and backends that build
+    # descriptors on the host (copy_engine) take them where they are.
+    on_host = backend_module.name == "reference" or getattr(backend_module, "host_indices", False)
+    kernel_device = None if on_host else plan.device
+    # Moved on the stream the transfer runs on, so the copy is ordered before it.
+    on_stream = stream is not None and plan.device.type == "cuda"
+    with torch.cuda.stream(stream) if on_stream else contextlib.nullcontext():
+        src_idx, dst_idx = _check_indices(plan, src_indices, dst_indices, kernel_device, check,
+                                          index_names)
     label = f"{plan.label} n={src_idx.numel()} {backend_module.name}" if nvtx_enabled() else ""
     with nvtx_range(label) if label else contextlib.nullcontext():
         backend_module.run(plan, src_idx, dst_idx, sm_budget=sm_budget, num_warps=num_warps,

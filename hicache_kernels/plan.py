@@ -65,7 +65,7 @@ class TransferPlan:
     head_num: int
     head_bytes: int
     label: str = "transfer"
-    _alignment: int | None = field(default=None, repr=False)
+    _alignment: dict | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.src) != len(self.dst):
@@ -103,17 +103,32 @@ class TransferPlan:
             return 1, self.item_bytes, 0, 0
         return self.head_num, hb, s.head_stride, d.head_stride
 
-    def alignment(self) -> int:
-        """Largest power of two (<= 16) dividing every address the copy touches."""
+    def alignment(self, *, table_bases: int | None = 8) -> int:
+        """Largest power of two (<= 16) dividing every address the copy touches.
+
+        Bases given as tensors (address tables) are not read here; they are
+        assumed ``table_bases``-aligned, or left out with ``table_bases=None``
+        (for kernels that check those bases' alignment themselves).
+        """
         if self._alignment is None:
+            self._alignment = {}
+        if table_bases not in self._alignment:
             _, chunk_bytes, scs, dcs = self.chunks()
             values = [chunk_bytes, scs, dcs]
             for side in (self.src, self.dst):
                 a = side.addressing
                 values += [a.page_stride, a.slot_stride]
-                values += [8] if isinstance(side.bases, torch.Tensor) else list(side.bases)
-            self._alignment = _pow2_alignment(*values)
-        return self._alignment
+                if not isinstance(side.bases, torch.Tensor):
+                    values += list(side.bases)
+                elif table_bases is not None:
+                    values.append(table_bases)
+            self._alignment[table_bases] = _pow2_alignment(*values)
+        return self._alignment[table_bases]
+
+    @property
+    def bases_known(self) -> bool:
+        """Whether every plane base is a python int (not an address table on a device)."""
+        return not any(isinstance(side.bases, torch.Tensor) for side in (self.src, self.dst))
 
     @property
     def bytes_per_item(self) -> int:

@@ -17,11 +17,13 @@ __all__ = ["NAMES", "get", "status", "choose"]
 
 log = logging.getLogger("hicache_kernels")
 
-# name -> module, in the order "auto" prefers them on a GPU
+# name -> module; on a GPU "auto" takes a kernel (cuda, else triton) and the copy
+# engines for long runs (see auto.py); cuda_bulk is only taken when asked for
 _MODULES = {
     "cuda": ".cuda",
     "triton": ".triton_kernels",
     "copy_engine": ".copy_engine",
+    "cuda_bulk": ".cuda_bulk",
     "reference": ".reference",
 }
 NAMES = tuple(_MODULES)
@@ -65,11 +67,6 @@ def choose(plan: TransferPlan, requested: str = "auto") -> tuple[ModuleType, str
 
 
 def _choose_on_gpu(plan: TransferPlan) -> tuple[ModuleType, str]:
-    skipped = []
-    for name in ("cuda", "triton"):
-        ok, why = get(name).available()
-        if ok:
-            note = f" ({'; '.join(skipped)})" if skipped else ""
-            return get(name), f"{name} kernel on {plan.device}{note}"
-        skipped.append(f"{name} unavailable: {why}")
-    return get("reference"), "no kernel backend available: " + "; ".join(skipped)
+    from .auto import choose_on_gpu
+
+    return choose_on_gpu(plan, get)

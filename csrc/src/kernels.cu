@@ -1,0 +1,442 @@
+// The transfer kernels and their launcher. Kernel bodies live in the headers
+// (copy_registers.h, copy_bulk.h) so the host emulation test runs the same
+// code; this file supplies the device memory operations and the launches.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <mutex>
+#include <string>
+
+#include "hicache/copy_bulk.h"
+#include "hicache/copy_registers.h"
+#include "internal.h"
+
+namespace hicache {
+namespace {
+
+// ---- register kernel: device loads and stores ---------------------------------------
+//
+// Loads go through the read-only path without allocating in L1 (each byte is
+// read once); stores cache in L2 only. Both are volatile asm so the compiler
+// keeps all of a thread's loads ahead of its stores.
+
+template <int P>
+__device__ __forceinline__ uint32_t load_word(const char* p) {
+  if constexpr (P == 4) {
+    uint32_t v;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+  } else if constexpr (P == 2) {
+    unsigned short v;
+    asm volatile("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+  } else {
+    unsigned short v;
+    asm volatile("ld.global.nc.L1::no_allocate.u8 %0, [%1];" : "=h"(v) : "l"(p));
+    return v & 0xffu;
+  }
+}
+
+template <int P>
+__device__ __forceinline__ void store_word(char* p, uint32_t v) {
+  if constexpr (P == 4) {
+    asm volatile("st.global.cg.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+  } else if constexpr (P == 2) {
+    asm volatile("st.global.cg.u16 [%0], %1;" ::"l"(p), "h"((unsigned short)v) : "memory");
+  } else {
+    asm volatile("st.global.cg.u8 [%0], %1;" ::"l"(p), "h"((unsigned short)(v & 0xffu)) : "memory");
+  }
+}
+
+// Bits [8*byte, 8*byte + 8*P) of a unit, as words of at most 32 bits.
+template <int W>
+__device__ __forceinline__ void put_bits(Unit<W>& u, int byte, uint32_t v) {
+  if constexpr (W >= 4) {
+    u.w[byte / 4] |= v << (8 * (byte % 4));
+  } else {
+    u.w[0] = typename Unit<W>::word(u.w[0] | (v << (8 * byte)));
+  }
+}
+template <int W, int P>
+__device__ __forceinline__ uint32_t get_bits(const Unit<W>& u, int byte) {
+  const uint32_t mask = P == 4 ? 0xffffffffu : (1u << (8 * P)) - 1u;
+  if constexpr (W >= 4) {
+    return (u.w[byte / 4] >> (8 * (byte % 4))) & mask;
+  } else {
+    return (uint32_t(u.w[0]) >> (8 * byte)) & mask;
+  }
+}
+
+template <int W>
+__device__ __forceinline__ Unit<W> load_exact(const char* p) {
+  Unit<W> u;
+  if constexpr (W == 16) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(u.w[0]), "=r"(u.w[1]), "=r"(u.w[2]), "=r"(u.w[3]) : "l"(p));
+  } else if constexpr (W == 8) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
+                 : "=r"(u.w[0]), "=r"(u.w[1]) : "l"(p));
+  } else if constexpr (W == 4) {
+    u.w[0] = load_word<4>(p);
+  } else {
+    u.w[0] = typename Unit<W>::word(load_word<W>(p));
+  }
+  return u;
+}
+
+template <int W>
+__device__ __forceinline__ void store_exact(char* p, const Unit<W>& u) {
+  if constexpr (W == 16) {
+    asm volatile("st.global.cg.v4.u32 [%0], {%1, %2, %3, %4};"
+                 ::"l"(p), "r"(u.w[0]), "r"(u.w[1]), "r"(u.w[2]), "r"(u.w[3]) : "memory");
+  } else if constexpr (W == 8) {
+    asm volatile("st.global.cg.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(u.w[0]), "r"(u.w[1]) : "memory");
+  } else {
+    store_word<W>(p, uint32_t(u.w[0]));
+  }
+}
+
+// A W-byte access split into P-byte pieces (P < W, P <= 4).
+template <int W, int P>
+__device__ __forceinline__ Unit<W> load_pieces(const char* p) {
+  Unit<W> u{};
+#pragma unroll
+  for (int b = 0; b < W; b += P) put_bits<W>(u, b, load_word<P>(p + b));
+  return u;
+}
+template <int W, int P>
+__device__ __forceinline__ void store_pieces(char* p, const Unit<W>& u) {
+#pragma unroll
+  for (int b = 0; b < W; b += P) store_word<P>(p + b, get_bits<W, P>(u, b));
+}
+
+struct DeviceMem {
+  static __device__ __forceinline__ int64_t load_index(const int64_t* p) { return __ldg(p); }
+
+  template <int W, bool RUNTIME_ALIGN>
+  static __device__ __forceinline__ Unit<W> load(const char* p) {
+    if constexpr (RUNTIME_ALIGN && W > 1) {
+      const int a = access_width<W>(p);
+      if (a != W) {
+        if constexpr (W >= 8) {
+          if (a >= 4) return load_pieces<W, 4>(p);
+        }
+        if constexpr (W >= 4) {
+          if (a == 2) return load_pieces<W, 2>(p);
+        }
+        return load_pieces<W, 1>(p);
+      }
+    }
+    return load_exact<W>(p);
+  }
+
+  template <int W, bool RUNTIME_ALIGN>
+  static __device__ __forceinline__ void store(char* p, const Unit<W>& u) {
+    if constexpr (RUNTIME_ALIGN && W > 1) {
+      const int a = access_width<W>(p);
+      if (a != W) {
+        if constexpr (W >= 8) {
+          if (a >= 4) return store_pieces<W, 4>(p, u);
+        }
+        if constexpr (W >= 4) {
+          if (a == 2) return store_pieces<W, 2>(p, u);
+        }
+        return store_pieces<W, 1>(p, u);
+      }
+    }
+    store_exact<W>(p, u);
+  }
+};
+
+template <int W, bool RUNTIME_ALIGN>
+__global__ void __launch_bounds__(1024) copy_registers_kernel(const RegisterPlan p) {
+  for (uint32_t tile = blockIdx.x; tile < p.total_tiles; tile += gridDim.x) {
+    copy_register_tile<W, RUNTIME_ALIGN, DeviceMem>(p, tile, threadIdx.x, blockDim.x);
+  }
+}
+
+// ---- bulk kernel: cp.async.bulk through shared memory (sm_90+) -------------------------
+
+// Only device code for sm_90+ has these instructions; the kernel is empty
+// elsewhere and never launched there (the host checks the code's PTX version).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+struct BulkDeviceOps {
+  char* stages;
+  uint64_t* barriers;
+  uint32_t stage_bytes;
+
+  __device__ uint32_t lane() const { return threadIdx.x & 31u; }
+  __device__ uint32_t lanes() const { return 32u; }
+  __device__ void warp_sync() const { __syncwarp(); }
+  __device__ uint32_t warp_sum(uint32_t x) const {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+  }
+  __device__ int64_t load_index(const int64_t* p) const { return __ldg(p); }
+  __device__ char* stage(uint32_t s) const { return stages + size_t(s) * stage_bytes; }
+
+  __device__ void expect_bytes(uint32_t s, uint32_t bytes) const {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                 ::"r"(smem_address(barriers + s)), "r"(bytes) : "memory");
+  }
+  __device__ void load(uint32_t s, char* smem, const char* src, uint32_t bytes) const {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(smem_address(smem)), "l"(src), "r"(bytes), "r"(smem_address(barriers + s))
+        : "memory");
+  }
+  __device__ void wait_loaded(uint32_t s, uint32_t parity) const {
+    uint32_t done = 0;
+    while (!done) {
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+          " selp.u32 %0, 1, 0, p;\n}"
+          : "=r"(done) : "r"(smem_address(barriers + s)), "r"(parity) : "memory");
+    }
+    // the stores below read the stage through the async proxy
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __device__ void store(char* dst, const char* smem, uint32_t bytes) const {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                 ::"l"(dst), "r"(smem_address(smem)), "r"(bytes) : "memory");
+  }
+  __device__ void commit_group() const { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+  __device__ void wait_reads_all_but_latest_group() const {
+    asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+  }
+  __device__ void wait_all_groups() const { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+};
+#endif
+
+// Shared memory: each warp's mbarriers, padded to 128 bytes, then each warp's stages.
+__host__ __device__ inline uint32_t barrier_region(uint32_t warps, uint32_t stages) {
+  return (warps * stages * 8u + 127u) / 128u * 128u;
+}
+
+__global__ void __launch_bounds__(1024) copy_bulk_kernel(const BulkPlan p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) char smem[];
+  const uint32_t warp = threadIdx.x / 32u;
+  const uint32_t warps = blockDim.x / 32u;
+  BulkDeviceOps ops;
+  ops.barriers = reinterpret_cast<uint64_t*>(smem) + warp * p.stages;
+  ops.stages = smem + barrier_region(warps, p.stages) + size_t(warp) * p.stages * p.stage_bytes;
+  ops.stage_bytes = p.stage_bytes;
+  if (ops.lane() == 0) {
+    for (uint32_t s = 0; s < p.stages; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_address(ops.barriers + s))
+                   : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncwarp();
+  bulk_pipeline(p, blockIdx.x * warps + warp, gridDim.x * warps, ops);
+#endif
+}
+
+// ---- launching ---------------------------------------------------------------------------
+
+using RegisterKernel = void (*)(RegisterPlan);
+
+RegisterKernel register_kernel(int width, bool runtime_align) {
+  switch (width) {
+    case 16: return runtime_align ? copy_registers_kernel<16, true> : copy_registers_kernel<16, false>;
+    case 8: return runtime_align ? copy_registers_kernel<8, true> : copy_registers_kernel<8, false>;
+    case 4: return runtime_align ? copy_registers_kernel<4, true> : copy_registers_kernel<4, false>;
+    case 2: return runtime_align ? copy_registers_kernel<2, true> : copy_registers_kernel<2, false>;
+    default: return copy_registers_kernel<1, false>;
+  }
+}
+
+std::string cuda_message(cudaError_t e, const char* what) {
+  return std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
+}
+
+bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+// A checked description, or the sentence saying what is wrong with it.
+std::string check_desc(const HckCopyDesc& d) {
+  if (d.n_items < 0 || d.n_planes < 0) return "n_items, n_planes: expected >= 0";
+  if (d.n_chunks < 1 || d.chunk_bytes < 1) return "n_chunks, chunk_bytes: expected >= 1";
+  if (!is_pow2(d.alignment) || d.alignment > 16 || d.chunk_bytes % d.alignment)
+    return "alignment: expected a power of two <= 16 dividing chunk_bytes";
+  if (d.warps_per_block < 1 || d.warps_per_block > 32) return "warps_per_block: expected 1..32";
+  if (d.max_blocks < 1) return "max_blocks: expected >= 1";
+  for (const HckSide* s : {&d.src, &d.dst}) {
+    if (s->page_size < 1 || s->page_size > 0x7fffffff) return "page_size: expected 1..2^31-1";
+    if (d.n_items > 0 && d.n_planes > 0 && (!s->bases || !s->indices))
+      return "bases, indices: expected non-null pointers";
+  }
+  if (d.kernel == HCK_KERNEL_BULK) {
+    if (d.alignment != 16 || !d.bases_known)
+      return "kernel: the bulk kernel needs every address and size 16-byte aligned";
+    if (d.chunk_bytes > 0x7fffffff) return "chunk_bytes: the bulk kernel takes rows below 2 GiB";
+  } else if (d.kernel != HCK_KERNEL_REGISTERS) {
+    return "kernel: expected HCK_KERNEL_REGISTERS or HCK_KERNEL_BULK";
+  }
+  return "";
+}
+
+// Largest dynamic shared memory set on the bulk kernel, per device.
+std::mutex g_smem_mutex;
+int g_bulk_smem[64] = {0};
+
+int ensure_bulk_smem(int device, int bytes) {
+  std::lock_guard<std::mutex> lock(g_smem_mutex);
+  if (device >= 0 && device < 64 && g_bulk_smem[device] >= bytes) return 0;
+  cudaError_t e = cudaFuncSetAttribute(copy_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) {
+    set_error(cuda_message(e, "bulk kernel: setting its shared memory size"));
+    return int(e);
+  }
+  if (device >= 0 && device < 64) g_bulk_smem[device] = bytes;
+  return 0;
+}
+
+int launch_bulk(const HckCopyDesc& d, cudaStream_t stream) {
+  int has_register = 0, has_bulk = 0;
+  if (int rc = probe_kernels(d.device, &has_register, &has_bulk)) return rc;
+  if (!has_bulk) {
+    set_error("kernel: the bulk kernel needs sm_90 or newer and code built for it");
+    return HCK_ERR_UNSUPPORTED;
+  }
+  int optin = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d.device);
+  if (e != cudaSuccess) {
+    set_error(cuda_message(e, "bulk kernel: asking the shared memory a block may have"));
+    return int(e);
+  }
+  const uint32_t warps = uint32_t(d.warps_per_block);
+  const int64_t room = int64_t(optin) - barrier_region(warps, 8);
+  // Defaults: 16 KiB stages (smaller when many warps share the block, so each
+  // still gets 4), and as many stages as fit, at most 8.
+  uint32_t stage_bytes = uint32_t(d.stage_bytes);
+  if (stage_bytes == 0) {
+    stage_bytes = uint32_t(std::min<int64_t>(16384, room / (int64_t(warps) * 4)) / 16 * 16);
+  }
+  if (stage_bytes == 0 || stage_bytes % 16) {
+    set_error("stage_bytes: expected a positive multiple of 16");
+    return HCK_ERR_INVALID_ARGUMENT;
+  }
+  uint32_t stages = uint32_t(d.stages);
+  if (stages == 0) stages = uint32_t(std::min<int64_t>(8, room / (int64_t(warps) * stage_bytes)));
+  const int64_t smem = barrier_region(warps, stages) + int64_t(warps) * stages * stage_bytes;
+  if (stages < kMinBulkStages || smem > optin) {
+    set_error("bulk kernel: " + std::to_string(warps) + " warps x " + std::to_string(stages) +
+              " stages x " + std::to_string(stage_bytes) + " bytes do not fit the " +
+              std::to_string(optin) + " bytes of shared memory a block may have (at least " +
+              std::to_string(kMinBulkStages) + " stages needed)");
+    return HCK_ERR_INVALID_ARGUMENT;
+  }
+  if (int rc = ensure_bulk_smem(d.device, int(smem))) return rc;
+  const int64_t per_launch = bulk_items_per_launch(d, stage_bytes);
+  if (per_launch < 1) {
+    set_error("n_chunks, chunk_bytes: one item is too large for one launch");
+    return HCK_ERR_INVALID_ARGUMENT;
+  }
+  for (int64_t first = 0; first < d.n_items; first += per_launch) {
+    const int64_t n = std::min(per_launch, d.n_items - first);
+    const BulkPlan p = make_bulk_plan(d, stage_bytes, stages, first, n);
+    if (p.total_tiles == 0) continue;
+    const uint32_t blocks = std::min<uint32_t>(uint32_t(d.max_blocks), (p.total_tiles + warps - 1) / warps);
+    copy_bulk_kernel<<<blocks, warps * 32u, size_t(smem), stream>>>(p);
+  }
+  return 0;
+}
+
+int launch_registers(const HckCopyDesc& d, cudaStream_t stream) {
+  const int width = int(d.alignment);
+  const bool runtime_align = !d.bases_known && width > 1;
+  const uint32_t threads = uint32_t(d.warps_per_block) * 32u;
+  const int64_t per_launch = register_items_per_launch(d, uint32_t(width), threads);
+  if (per_launch < 1) {
+    set_error("n_chunks, chunk_bytes: one item is too large for one launch");
+    return HCK_ERR_INVALID_ARGUMENT;
+  }
+  const RegisterKernel kernel = register_kernel(width, runtime_align);
+  for (int64_t first = 0; first < d.n_items; first += per_launch) {
+    const int64_t n = std::min(per_launch, d.n_items - first);
+    const RegisterPlan p = make_register_plan(d, uint32_t(width), threads, first, n);
+    if (p.total_tiles == 0) continue;
+    const uint32_t blocks = std::min<uint32_t>(uint32_t(d.max_blocks), p.total_tiles);
+    kernel<<<blocks, threads, 0, stream>>>(p);
+  }
+  return 0;
+}
+
+}  // namespace
+
+namespace {
+// probe_kernels' answers per device (0: not asked yet, else 1 + has_register + 2 * has_bulk),
+// so launches ask the driver nothing (and stay legal during graph capture).
+std::mutex g_probe_mutex;
+int g_probed[64] = {0};
+}  // namespace
+
+int probe_kernels(int device, int* has_register, int* has_bulk) {
+  *has_register = 0;
+  *has_bulk = 0;
+  {
+    std::lock_guard<std::mutex> lock(g_probe_mutex);
+    if (device >= 0 && device < 64 && g_probed[device]) {
+      *has_register = (g_probed[device] - 1) & 1;
+      *has_bulk = ((g_probed[device] - 1) >> 1) & 1;
+      return 0;
+    }
+  }
+  DeviceGuard guard(device);
+  if (guard.status()) return guard.status();
+  cudaFuncAttributes attr;
+  cudaError_t e = cudaFuncGetAttributes(&attr, copy_registers_kernel<16, false>);
+  if (e == cudaErrorInvalidDeviceFunction || e == cudaErrorNoKernelImageForDevice) {
+    cudaGetLastError();
+    std::lock_guard<std::mutex> lock(g_probe_mutex);
+    if (device >= 0 && device < 64) g_probed[device] = 1;
+    return 0;
+  }
+  if (e != cudaSuccess) {
+    set_error(cuda_message(e, "looking for the kernels' code"));
+    return int(e);
+  }
+  *has_register = 1;
+  // Load every kernel now (CUDA loads modules lazily), so none is first loaded
+  // inside a graph capture.
+  for (int width : {8, 4, 2, 1}) {
+    for (bool runtime_align : {false, true}) cudaFuncGetAttributes(&attr, register_kernel(width, runtime_align));
+  }
+  cudaFuncGetAttributes(&attr, register_kernel(16, true));
+  e = cudaFuncGetAttributes(&attr, copy_bulk_kernel);
+  // PTX version 90+: compiled for sm_90 or newer, not JIT-compiled from older PTX
+  *has_bulk = e == cudaSuccess && attr.ptxVersion >= 90;
+  cudaGetLastError();
+  std::lock_guard<std::mutex> lock(g_probe_mutex);
+  if (device >= 0 && device < 64) g_probed[device] = 1 + *has_register + 2 * *has_bulk;
+  return 0;
+}
+
+int launch_copy_items(const HckCopyDesc& d) {
+  const std::string bad = check_desc(d);
+  if (!bad.empty()) {
+    set_error(bad);
+    return HCK_ERR_INVALID_ARGUMENT;
+  }
+  if (d.n_items == 0 || d.n_planes == 0) return 0;
+  DeviceGuard guard(d.device);
+  if (guard.status()) return guard.status();
+  cudaStream_t stream = static_cast<cudaStream_t>(d.stream);
+  const int rc = d.kernel == HCK_KERNEL_BULK ? launch_bulk(d, stream) : launch_registers(d, stream);
+  if (rc) return rc;
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    set_error(cuda_message(e, "launching the copy kernel"));
+    return int(e);
+  }
+  return 0;
+}
+
+}  // namespace hicache
