@@ -152,12 +152,15 @@ class EmulatedDevice(Device):
             way); False runs each operation as soon as it is launched.
         seed: order in which :meth:`run_all` picks among runnable streams
             (None: round robin).
+        execute: False completes operations without running their work (a
+            device with free copies: benchmarks of the manager's own cost).
     """
 
     name = "emulated (CPU)"
 
-    def __init__(self, *, defer: bool = False, seed: int | None = None):
+    def __init__(self, *, defer: bool = False, seed: int | None = None, execute: bool = True):
         self.defer = defer
+        self.execute = execute
         self.streams: list[EmulatedStream] = []
         self._rng = random.Random(seed) if seed is not None else None
         self._compute = self.stream(0, name="compute")
@@ -210,7 +213,7 @@ class EmulatedDevice(Device):
         if not self.runnable(stream):
             return False
         work, _tag, _wait = stream.ops.popleft()
-        if work is not None:
+        if work is not None and self.execute:
             work(stream)
         stream.completed += 1
         return True

@@ -53,7 +53,7 @@ def host_pool_slots(device_slots: int, bytes_per_slot: int, page_size: int, *,
     if hicache_size is not None:
         if not hicache_size > 0:
             raise ValueError(f"hicache_size: expected a positive size in GB, got {hicache_size!r}")
-        slots = int(hicache_size * 1e9 // bytes_per_slot)
+        slots = round(hicache_size * 1e9) // bytes_per_slot   # whole bytes: no float floor
         asked = f"hicache_size={hicache_size} GB"
     else:
         if not hicache_ratio > 0:
@@ -107,7 +107,9 @@ class HostPool:
         self._check_memory(reserve_gb)
         self._map = self._mmap()
         try:
-            self._data = torch.frombuffer(self._map, dtype=torch.uint8)[: self.nbytes]
+            # Through a memoryview: every tensor over the pool then holds a buffer export,
+            # so the mapping cannot be unmapped under a live tensor (close() says so instead).
+            self._data = torch.frombuffer(memoryview(self._map), dtype=torch.uint8)[: self.nbytes]
             if numa_node is not None:
                 _bind_to_node(self._data.data_ptr(), len(self._map), numa_node)
             self.pin_status = self._register(pin)
@@ -174,7 +176,7 @@ class HostPool:
                 f"{numa}, huge pages: {self.huge_pages}")
 
     # -- lifetime ---------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, *, quiet: bool = False) -> None:
         """Unregister and unmap. Views still held elsewhere keep the memory (unpinned) alive."""
         if self._registered:
             err = torch.cuda.cudart().cudaHostUnregister(self._data.data_ptr())
@@ -189,7 +191,9 @@ class HostPool:
             try:
                 mapping.close()
             except BufferError:
-                log.warning("host pool: tensors still refer to the pool; it is unmapped when they go")
+                if not quiet:
+                    log.warning("host pool: tensors still refer to the pool; "
+                                "it is unmapped when they go")
 
     def __enter__(self) -> "HostPool":
         return self
@@ -200,7 +204,7 @@ class HostPool:
     def __del__(self) -> None:
         try:
             if getattr(self, "_map", None) is not None:
-                self.close()
+                self.close(quiet=True)
         except Exception:
             pass
 

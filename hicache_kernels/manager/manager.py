@@ -50,6 +50,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field, fields
+from functools import partial
 from itertools import islice
 from typing import Callable, Hashable, Sequence
 
@@ -168,9 +169,9 @@ class LoadHandle:
 
     __slots__ = ("op_id", "page_ids", "device_indices", "host_indices", "entries", "host_pages",
                  "device_pages", "_device", "_events", "_extra_events", "_host_locked", "_done",
-                 "_mark")
+                 "_page_size")
 
-    def __init__(self, op_id, page_ids, entries, host_pages, device_pages, device, mark):
+    def __init__(self, op_id, page_ids, entries, host_pages, device_pages, device, page_size):
         self.op_id = op_id
         self.page_ids = page_ids
         self.entries = entries
@@ -181,7 +182,7 @@ class LoadHandle:
         self._extra_events: list = []
         self._host_locked = False
         self._done = False
-        self._mark = mark
+        self._page_size = page_size
 
     @property
     def num_layers(self) -> int:
@@ -197,9 +198,14 @@ class LoadHandle:
         landed; the CPU does not block. Later layers may still be in flight."""
         if self._done:
             return
-        with self._mark("wait", len(self.device_indices), layer):
-            dev = self._device
-            dev.wait(dev.current_stream() if stream is None else stream, self._events[layer])
+        dev = self._device
+        if stream is None:
+            stream = dev.current_stream()
+        if _nvtx_enabled():
+            with nvtx_range(f"hicache.wait L{layer} n={len(self.page_ids) * self._page_size}"):
+                dev.wait(stream, self._events[layer])
+        else:
+            dev.wait(stream, self._events[layer])
 
     def wait_all(self, stream=None) -> None:
         """:meth:`wait` for the last layer (layers land in order)."""
@@ -387,7 +393,7 @@ class HiCacheManager:
             pages = self._alloc_device_pages(len(ids))
             for page_id, page in zip(ids, pages.tolist()):
                 self.table.set_device(self.table.add(page_id), page)
-            return self._to_device(self._device_slots[pages].ravel())
+            return self._to_device(self._device_slots[pages].ravel(), self.compute_stream)
 
     def alloc_host(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
         """Give new pages host slots to fill directly (e.g. from another store).
@@ -453,7 +459,7 @@ class HiCacheManager:
     def device_indices(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
         """Token slots on the device of pages that have a device copy."""
         pages = self._pages(page_ids, "device_page")
-        return self._to_device(self._device_slots[pages].ravel())
+        return self._to_device(self._device_slots[pages].ravel(), self.compute_stream)
 
     def host_indices(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
         """Token slots (CPU) in the host pool of pages that have a host copy."""
@@ -538,21 +544,25 @@ class HiCacheManager:
             raise ValueError("page_ids: expected at least one page to load")
         tokens = n * self.page_size
         with self._mark("load", tokens):
-            waits = None
-            for e in entries:
-                if e.device_page >= 0 or e.host_page < 0 or e.fill is not None:
-                    raise ValueError(f"page_ids: {e.page_id!r} cannot be loaded ({self._why_not(e)})")
-                if e.backup is not None:
-                    waits = (waits or []) + [e.backup]
-            host_pages = np.array([e.host_page for e in entries], dtype=np.int64)
-            if len(set(host_pages.tolist())) != n:
-                raise ValueError("page_ids: expected distinct pages")
-            dev_pages = self._alloc_device_pages(n)
+            # validate everything before changing anything (one pass when all is well)
+            host_list = [e.host_page for e in entries if e.device_page < 0 and e.fill is None]
+            if len(host_list) != n or min(host_list) < 0 or len(set(host_list)) != n:
+                self._refuse_load(entries)
+            busy = [e.backup for e in entries if e.backup is not None]
+            host_pages = np.array(host_list, dtype=np.int64)
+            dev_pages = self.device_pages.alloc(n)
+            if dev_pages is None:
+                # Making room may evict host pages: keep these out of reach meanwhile.
+                self.host_pages.lock(host_pages)
+                try:
+                    dev_pages = self._alloc_device_pages(n)
+                finally:
+                    self.host_pages.unlock(host_pages)
             handle = LoadHandle(self._op_id(), tuple(page_ids), entries, host_pages, dev_pages,
-                                self.device, self._mark)
+                                self.device, self.page_size)
             dev, stream = self.device, self.load_stream
-            if waits:   # the host copy is still arriving: read it only once it has
-                for op in {id(o): o for o in waits}.values():
+            if busy:   # the host copy is still arriving: read it only once it has
+                for op in {id(o): o for o in busy}.values():
                     dev.wait(stream, op.event)
             if self._rules.load_waits_compute:
                 ev = self._event()
@@ -563,25 +573,28 @@ class HiCacheManager:
                 self.host_pages.lock(host_pages)
                 handle._host_locked = True
             self.device_pages.lock(dev_pages)
-            src = torch.from_numpy(self._host_slots[host_pages].ravel())
-            dst = self._to_device(self._device_slots[dev_pages].ravel(), stream)
+            src = torch.from_numpy(np.take(self._host_slots, host_pages, axis=0).ravel())
+            dst = self._to_device(np.take(self._device_slots, dev_pages, axis=0).ravel(), stream)
             if self._cuda:
                 src = self._to_device(src.numpy(), stream)
+                # the model reads dst on its stream: keep the allocator from reusing it early
+                dst.record_stream(self.compute_stream)
             handle.host_indices = src
             handle.device_indices = dst
             events = handle._events
             cuda, launch, record, mark = self._cuda, dev.launch, dev.record, self._mark
             for layer, t in enumerate(self._load_transfers):
                 with mark("load", tokens, layer):
-                    launch(stream, lambda s, t=t: _run_transfer(t, src, dst, cuda, s), handle)
+                    launch(stream, partial(_run_transfer, t, src, dst, cuda), handle)
                     ev = self._event()
                     record(ev, stream)
                     events.append(ev)
-            table = self.table
+            device_lru, touch_host = self.table.device_lru, self.table.host_lru.move_to_end
             for e, page in zip(entries, dev_pages.tolist()):
-                table.set_device(e, page)
-                table.touch(e)
+                e.device_page = page
                 e.load = handle
+                device_lru[e] = None       # newly on the device: most recent
+                touch_host(e)
             self._loads.append(handle)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("load op %d: %d pages (%d tokens) host->device, %d layers",
@@ -881,15 +894,14 @@ class HiCacheManager:
         return ids
 
     # -- internals: small helpers ---------------------------------------------------------------
-    def _to_device(self, slots: np.ndarray, stream=None) -> torch.Tensor:
+    def _to_device(self, slots: np.ndarray, stream) -> torch.Tensor:
+        """Slot indices where kernels read them: on the GPU, copied and allocated on
+        ``stream`` (the one that uses them first), so they are ready in its order."""
         t = torch.from_numpy(slots)
         if not self._cuda:
             return t
-        dev = self.device_pool.device
-        if stream is None:
-            return t.to(dev, non_blocking=True)
-        with torch.cuda.stream(stream):  # allocated and copied on the stream that reads it
-            return t.to(dev, non_blocking=True)
+        with torch.cuda.stream(stream):
+            return t.to(self.device_pool.device, non_blocking=True)
 
     def _event(self):
         return self._events.pop() if self._events else self.device.event()
@@ -923,6 +935,15 @@ class HiCacheManager:
             bad = [i for i, p in zip(page_ids, pages) if p < 0]
             raise ValueError(f"page_ids: {bad[:4]!r} have no {attr.split('_')[0]} copy")
         return np.array(pages, dtype=np.int64)
+
+    def _refuse_load(self, entries: list[PageEntry]) -> None:
+        seen = set()
+        for e in entries:
+            if e.device_page >= 0 or e.host_page < 0 or e.fill is not None:
+                raise ValueError(f"page_ids: {e.page_id!r} cannot be loaded ({self._why_not(e)})")
+            if e.host_page in seen:
+                raise ValueError(f"page_ids: {e.page_id!r} appears twice")
+            seen.add(e.host_page)
 
     @staticmethod
     def _why_not(e: PageEntry) -> str:

@@ -91,6 +91,8 @@ class PageAllocator:
     def unlock(self, pages: np.ndarray) -> None:
         """The transfer finished; free any page that was waiting on it."""
         self._locks[pages] -= 1
+        if not self.deferred_count:
+            return
         waiting = pages[(self._locks[pages] == 0) & (self._state[pages] == DEFERRED)]
         if len(waiting):
             self.deferred_count -= len(waiting)
@@ -152,14 +154,14 @@ class PageEntry:
 class PageTable:
     """Page id -> :class:`PageEntry`, with least-recently-used order per tier.
 
-    ``device_lru``/``host_lru`` hold the ids with a copy on that tier, least
-    recently used first.
+    ``device_lru``/``host_lru`` hold the entries with a copy on that tier, least
+    recently used first (keyed by entry: identity hashing keeps the hot path cheap).
     """
 
     def __init__(self):
         self.entries: dict[Hashable, PageEntry] = {}
-        self.device_lru: OrderedDict[Hashable, None] = OrderedDict()
-        self.host_lru: OrderedDict[Hashable, None] = OrderedDict()
+        self.device_lru: OrderedDict[PageEntry, None] = OrderedDict()
+        self.host_lru: OrderedDict[PageEntry, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -178,25 +180,25 @@ class PageTable:
     def set_device(self, entry: PageEntry, page: int) -> None:
         entry.device_page = page
         if page >= 0:
-            self.device_lru[entry.page_id] = None
+            self.device_lru[entry] = None
         else:
-            self.device_lru.pop(entry.page_id, None)
+            self.device_lru.pop(entry, None)
 
     def set_host(self, entry: PageEntry, page: int) -> None:
         entry.host_page = page
         if page >= 0:
-            self.host_lru[entry.page_id] = None
+            self.host_lru[entry] = None
         else:
-            self.host_lru.pop(entry.page_id, None)
+            self.host_lru.pop(entry, None)
 
     def touch(self, entry: PageEntry) -> None:
         """Mark the page most recently used on the tiers it lives on."""
         if entry.device_page >= 0:
-            self.device_lru.move_to_end(entry.page_id)
+            self.device_lru.move_to_end(entry)
         if entry.host_page >= 0:
-            self.host_lru.move_to_end(entry.page_id)
+            self.host_lru.move_to_end(entry)
 
     def remove(self, entry: PageEntry) -> None:
         del self.entries[entry.page_id]
-        self.device_lru.pop(entry.page_id, None)
-        self.host_lru.pop(entry.page_id, None)
+        self.device_lru.pop(entry, None)
+        self.host_lru.pop(entry, None)

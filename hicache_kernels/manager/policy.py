@@ -51,9 +51,7 @@ class WritePolicy(str, enum.Enum):
 
 def device_victims(table: PageTable) -> Iterator[PageEntry]:
     """Device pages in LRU order that may be evicted: unpinned and not being loaded."""
-    entries = table.entries
-    for page_id in table.device_lru:
-        entry = entries[page_id]
+    for entry in table.device_lru:
         if entry.pins == 0 and entry.load is None:
             yield entry
 
@@ -61,10 +59,8 @@ def device_victims(table: PageTable) -> Iterator[PageEntry]:
 def host_victims(table: PageTable, locked: Callable[[int], bool]) -> Iterator[PageEntry]:
     """Host pages in LRU order that no transfer holds: first those with no device
     copy (dropping them removes the page), then redundant copies of device pages."""
-    entries = table.entries
     second: list[PageEntry] = []
-    for page_id in table.host_lru:
-        entry = entries[page_id]
+    for entry in table.host_lru:
         if locked(entry.host_page) or entry.fill is not None or entry.backup is not None:
             continue
         if entry.on_device:
