@@ -491,3 +491,24 @@ def test_gpu_layerwise_load_with_a_busy_compute_stream(gen):
     for t, w in zip(pool.tensors(), want):
         assert torch.equal(t[h.device_indices], w)
     mgr.close()
+
+
+def test_page_size_option_on_a_per_layer_pool(gen):
+    """SGLang's device pool is per-layer tensors with no page size of its own."""
+    k = [torch.empty(32, 2, 8, dtype=torch.float16) for _ in range(2)]
+    v = [torch.empty_like(t) for t in k]
+    pool = KVBuffer.from_layers(k, v)                          # layout page_size 1
+    mgr = HiCacheManager(pool, page_size=8, host_layout="page_head", backend="reference",
+                         host_reserve_gb=0)
+    assert mgr.page_size == 8 and mgr.device_pages.num_pages == 4
+    assert mgr.host_pool.layout.page_size == 8
+    data = write_pages(mgr, ["a"], gen)
+    mgr.backup(["a"])
+    mgr.evict_device(["a"])
+    h = mgr.load(["a"])
+    assert torch.equal(slots_bytes(pool, h.device_indices), data)
+    mgr.close()
+    with pytest.raises(ValueError, match="page_size: expected a positive int"):
+        HiCacheManager(pool, page_size=0, host_reserve_gb=0)
+    with pytest.raises(ValueError, match="larger than the device pool"):
+        HiCacheManager(pool, page_size=64, host_reserve_gb=0)

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from ..buffers import KVBuffer
-from ..layouts import KVLayout  # noqa: F401  (doctest)
+from ..layouts import KVLayout
 from ..nvtx_ranges import enabled as _nvtx_enabled, nvtx_range
 from ..ops import Transfer
 from .device import CudaDevice, Device, EmulatedDevice
@@ -77,6 +77,9 @@ _NULL = contextlib.nullcontext()
 class HiCacheConfig:
     """Options of :class:`HiCacheManager` (all may also be passed as keywords to it)."""
 
+    page_size: int | None = None
+    """tokens per page; None: the device pool layout's page_size. A layer_first device
+    pool (SGLang's per-layer tensors) may use any page size."""
     hicache_ratio: float = 2.0
     """host pool size as a multiple of the device pool (SGLang's --hicache-ratio)."""
     hicache_size: float | None = None
@@ -156,7 +159,20 @@ class _Rules:
     device_locked_during_backup: bool = True
 
 
-class LoadHandle:
+class _Op:
+    """A transfer in flight: the pages it reads and writes, in entry order."""
+
+    __slots__ = ("op_id", "entries", "host_pages", "device_pages", "extra_events")
+
+    def __init__(self, op_id, entries, host_pages, device_pages):
+        self.op_id = op_id
+        self.entries = entries
+        self.host_pages = host_pages
+        self.device_pages = device_pages
+        self.extra_events: list = []     # events this op waited on, recycled when it retires
+
+
+class LoadHandle(_Op):
     """A load in flight: one event per layer.
 
     Attributes:
@@ -167,19 +183,14 @@ class LoadHandle:
         host_indices: the token slots read from the host pool (CPU).
     """
 
-    __slots__ = ("op_id", "page_ids", "device_indices", "host_indices", "entries", "host_pages",
-                 "device_pages", "_device", "_events", "_extra_events", "_host_locked", "_done",
-                 "_page_size")
+    __slots__ = ("page_ids", "device_indices", "host_indices", "_device", "_events",
+                 "_host_locked", "_done", "_page_size")
 
     def __init__(self, op_id, page_ids, entries, host_pages, device_pages, device, page_size):
-        self.op_id = op_id
+        super().__init__(op_id, entries, host_pages, device_pages)
         self.page_ids = page_ids
-        self.entries = entries
-        self.host_pages = host_pages
-        self.device_pages = device_pages
         self._device = device
         self._events: list = []
-        self._extra_events: list = []
         self._host_locked = False
         self._done = False
         self._page_size = page_size
@@ -227,18 +238,12 @@ class LoadHandle:
         return f"LoadHandle(op {self.op_id}, {len(self.page_ids)} pages, done={self._done})"
 
 
-class _Backup:
-    __slots__ = ("op_id", "entries", "host_pages", "device_pages", "event", "extra_events",
-                 "device_locked", "tokens")
+class _Backup(_Op):
+    __slots__ = ("event", "device_locked")
 
-    def __init__(self, op_id, entries, host_pages, device_pages, tokens):
-        self.op_id = op_id
-        self.entries = entries
-        self.host_pages = host_pages
-        self.device_pages = device_pages
-        self.tokens = tokens
+    def __init__(self, op_id, entries, host_pages, device_pages):
+        super().__init__(op_id, entries, host_pages, device_pages)
         self.event = None
-        self.extra_events: list = []
         self.device_locked = False
 
 
@@ -251,6 +256,20 @@ class _StorageOp:
         self.entries = entries
         self.host_pages = host_pages
         self.pending = pending        # a sequence of bools, or an object with poll()
+
+
+def _page_size(asked: int | None, device_layout: KVLayout) -> int:
+    if asked is None:
+        return device_layout.page_size
+    if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
+        raise ValueError(f"page_size: expected a positive int or None, got {asked!r}")
+    if device_layout.paged and asked != device_layout.page_size:
+        raise ValueError(f"page_size: the device pool is {device_layout.kind.value} with pages of "
+                         f"{device_layout.page_size} tokens, got {asked}")
+    if asked > device_layout.num_slots:
+        raise ValueError(f"page_size: {asked} is larger than the device pool "
+                         f"({device_layout.num_slots} slots)")
+    return asked
 
 
 def _wait_storage_op(pending, timeout_s: float = 60.0) -> None:
@@ -318,7 +337,7 @@ class HiCacheManager:
 
         dlay = device_pool.layout
         self.device_pool = device_pool
-        self.page_size = dlay.page_size
+        self.page_size = _page_size(cfg.page_size, dlay)
         self.num_layers = dlay.num_layers
         if device is None:
             device = CudaDevice(device_pool.device) if device_pool.device.type == "cuda" \
@@ -333,10 +352,20 @@ class HiCacheManager:
         bytes_per_slot = dlay.item_bytes * dlay.num_planes_per_layer * dlay.num_layers
         host_slots = host_pool_slots(device_pages * P, bytes_per_slot, P,
                                      hicache_ratio=cfg.hicache_ratio, hicache_size=cfg.hicache_size)
-        hlay = dlay.with_(kind=cfg.host_layout, num_slots=host_slots)
+        hlay = dlay.with_(kind=cfg.host_layout, num_slots=host_slots, page_size=P)
         self.host_pool = HostPool(hlay, pin=cfg.pin_memory, huge_pages=cfg.huge_pages,
                                   numa_node=cfg.numa_node, reserve_gb=cfg.host_reserve_gb)
-        host = self.host_pool.buffer
+        try:
+            self._setup(cfg, device, device_pages, host_slots)
+        except BaseException:
+            self.host_pool.close(quiet=True)
+            raise
+        if storage is not None:
+            storage.attach(self.host_pool)
+        self._log_startup(device_pages * P, host_slots)
+
+    def _setup(self, cfg: HiCacheConfig, device: Device, device_pages: int, host_slots: int) -> None:
+        P, host, device_pool = self.page_size, self.host_pool.buffer, self.device_pool
         self.device_pages = PageAllocator(device_pages, "device pool")
         self.host_pages = PageAllocator(host_slots // P, "host pool")
         self.table = PageTable()
@@ -360,9 +389,6 @@ class HiCacheManager:
         self._acks: list[Ack] = []
         self._next_op = 0
         self._closed = False
-        if storage is not None:
-            storage.attach(self.host_pool)
-        self._log_startup(device_pages * P, host_slots)
 
     # -- properties ------------------------------------------------------------------
     @property
@@ -568,7 +594,7 @@ class HiCacheManager:
                 ev = self._event()
                 dev.record(ev, self.compute_stream)
                 dev.wait(stream, ev)
-                handle._extra_events.append(ev)
+                handle.extra_events.append(ev)
             if self._rules.host_locked_during_load:
                 self.host_pages.lock(host_pages)
                 handle._host_locked = True
@@ -626,7 +652,12 @@ class HiCacheManager:
             op = _StorageOp(self._op_id(), "prefetch", entries, pages, None)
             for e in entries:
                 e.fill = op
-            op.pending = self.storage.batch_get(ids, pages)
+            try:
+                op.pending = self.storage.batch_get(ids, pages)
+            except BaseException:
+                self.host_pages.unlock(pages)
+                self._release(entries, remove=True)
+                raise
             self._storage_ops.append(op)
         log.debug("prefetch op %d: %d pages from storage", op.op_id, n)
         return tuple(ids)
@@ -690,7 +721,7 @@ class HiCacheManager:
             return None
         dev_pages = np.array([e.device_page for e in entries], dtype=np.int64)
         tokens = n * self.page_size
-        op = _Backup(self._op_id(), entries, host_pages, dev_pages, tokens)
+        op = _Backup(self._op_id(), entries, host_pages, dev_pages)
         dev, stream = self.device, self.backup_stream
         if self._rules.backup_waits_producer:
             ev = self._event()
@@ -740,8 +771,8 @@ class HiCacheManager:
                 e.load = None
         h._done = True
         self._events.extend(h._events)
-        self._events.extend(h._extra_events)
-        h._extra_events = []
+        self._events.extend(h.extra_events)
+        h.extra_events = []
         self._acks.append(Ack("load", h.op_id, h.page_ids))
         log.debug("load op %d done", h.op_id)
 
@@ -769,7 +800,13 @@ class HiCacheManager:
         for e in entries:
             e.storing = op
         with self._mark("store", len(entries) * self.page_size):
-            op.pending = self.storage.batch_set([e.page_id for e in entries], pages)
+            try:
+                op.pending = self.storage.batch_set([e.page_id for e in entries], pages)
+            except BaseException:
+                self.host_pages.unlock(pages)
+                for e in entries:
+                    e.storing = None
+                raise
         self._storage_ops.append(op)
         log.debug("store op %d: %d pages host->storage", op.op_id, len(entries))
 
@@ -798,37 +835,30 @@ class HiCacheManager:
 
     # -- internals: slots ---------------------------------------------------------------------
     def _alloc_device_pages(self, n: int) -> np.ndarray:
-        alloc = self.device_pages
-        pages = alloc.alloc(n)
-        if pages is not None:
-            return pages
-        self._collect()
-        while (pages := alloc.alloc(n)) is None:
-            short = n - alloc.free_count - alloc.deferred_count
-            evicted = self._evict_device(list(islice(device_victims(self.table), short))) \
-                if short > 0 else []
-            if alloc.free_count >= n:
-                continue
-            if not evicted and not self._wait_for_transfer(self.device_pages):
-                raise OutOfPages(
-                    f"device pool: need {n} pages, {alloc.free_count} free, "
-                    f"{alloc.deferred_count} waiting for transfers, the rest pinned or loading")
+        pages = self._alloc_pages(self.device_pages, n, lambda k: self._evict_device(
+            list(islice(device_victims(self.table), k))))
+        if pages is None:
+            alloc = self.device_pages
+            raise OutOfPages(
+                f"device pool: need {n} pages, {alloc.free_count} free, "
+                f"{alloc.deferred_count} waiting for transfers, the rest pinned or loading")
         return pages
 
     def _alloc_host_pages(self, n: int) -> np.ndarray | None:
-        alloc = self.host_pages
+        return self._alloc_pages(self.host_pages, n, lambda k: self._evict_host(
+            list(islice(host_victims(self.table, self.host_pages.is_locked), k))))
+
+    def _alloc_pages(self, alloc: PageAllocator, n: int, evict) -> np.ndarray | None:
+        """``n`` pages of a pool: free ones, else evict LRU pages (``evict(k)``), else
+        wait for transfers that hold pages; None when none of that makes room."""
         pages = alloc.alloc(n)
         if pages is not None:
             return pages
         self._collect()
         while (pages := alloc.alloc(n)) is None:
             short = n - alloc.free_count - alloc.deferred_count
-            victims = list(islice(host_victims(self.table, alloc.is_locked), short)) \
-                if short > 0 else []
-            self._evict_host(victims)
-            if alloc.free_count >= n:
-                continue
-            if not victims and not self._wait_for_transfer(alloc):
+            evicted = evict(short) if short > 0 else []
+            if alloc.free_count < n and not evicted and not self._wait_for_transfer(alloc):
                 return None
         return pages
 
