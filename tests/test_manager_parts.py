@@ -209,12 +209,28 @@ def test_host_pool_without_gpu_is_plain_memory(caplog):
 
 
 @pytest.mark.gpu
-def test_host_pool_pins_exact_size_on_gpu():
-    # an odd size well above 4 GiB/2^k boundaries would be rounded by torch's pinned allocator
+def test_host_pool_pins_exact_size_on_gpu(caplog):
+    # an odd size (604 MB): torch's pinned allocator would round it up to 1 GiB
     lay = _layout("page_first", slots=3 * 1024 * 1024 // 4 * 4 + 12, page=4, layers=2)
     with HostPool(lay, reserve_gb=0) as pool:
         assert pool.pinned and pool.buffer.is_pinned()
+        assert pool.buffer.k.is_pinned(), "torch sees cudaHostRegister-ed memory as pinned"
         assert len(pool._map) == lay.total_bytes           # no rounding
-        ptr = pool.base_address
-    # close unregistered it: a second unregister reports "not registered"
-    assert int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0
+        dev = torch.empty(lay.item_bytes * 4, dtype=torch.uint8, device="cuda").fill_(3)
+        pool.buffer.k.view(torch.uint8).view(-1)[: dev.numel()].copy_(dev, non_blocking=True)
+        torch.cuda.synchronize()
+        assert int(pool.buffer.k.view(torch.uint8).view(-1)[0]) == 3
+    assert not pool.pinned and "cudaHostUnregister failed" not in caplog.text
+
+
+def test_docstring_examples():
+    import doctest
+
+    import hicache_kernels.manager.device as device
+    import hicache_kernels.manager.host_pool as host_pool
+    import hicache_kernels.manager.manager as manager
+    import hicache_kernels.manager.pages as pages
+
+    for module in (device, pages, host_pool, manager):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

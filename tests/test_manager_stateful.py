@@ -21,6 +21,7 @@ stream so transfers really race, and data is checked at random sync points.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -114,6 +115,9 @@ class ManagerMachine(RuleBasedStateMachine):
     def _choose(self, k: int, cond):
         ids = self._ids(cond)
         return ids[k % len(ids)] if ids else None
+
+    def _compute_ctx(self):
+        return torch.cuda.stream(self.cs) if self.on_gpu else contextlib.nullcontext()
 
     def _on_compute(self, fn, tag) -> None:
         if self.on_gpu:
@@ -244,7 +248,8 @@ class ManagerMachine(RuleBasedStateMachine):
         if not keep:
             return
         h.wait(layer, stream=self.compute)
-        slots = torch.cat([h.device_indices[n * P:(n + 1) * P] for n in keep])
+        with self._compute_ctx():   # on a GPU the slice runs after the wait, on the compute stream
+            slots = torch.cat([h.device_indices[n * P:(n + 1) * P] for n in keep])
         self._read([h.page_ids[n] for n in keep], slots, layer,
                    f"layer {layer} of load op {h.op_id}")
 
@@ -376,6 +381,10 @@ class ManagerMachine(RuleBasedStateMachine):
             self._check_data()
 
     def _check_data(self) -> None:
+        with self._compute_ctx():   # GPU: index copies are made on the compute stream
+            self._check_bytes()
+
+    def _check_bytes(self) -> None:
         for page_id, e in self.mgr.table.entries.items():
             want = self.expected[page_id]
             if e.on_device and e.load is None and page_id not in self.writing:

@@ -111,7 +111,8 @@ class CudaDevice(Device):
         work(stream)
 
     def priority_range(self) -> tuple[int, int]:
-        return torch.cuda.Stream.priority_range()
+        # through an instance: static in some torch versions, a method in others
+        return tuple(torch.cuda.current_stream(self.device).priority_range())
 
 
 class EmulatedStream:

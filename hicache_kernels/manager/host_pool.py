@@ -115,7 +115,9 @@ class HostPool:
             self.pin_status = self._register(pin)
             shape = layout.shape if layout.mla else (2, *layout.shape)
             planes = self._data.view(layout.dtype).view(shape)
-            self.buffer = KVBuffer(layout, planes) if layout.mla else KVBuffer(layout, planes[0], planes[1])
+            self.buffer = _HostBuffer(layout, planes) if layout.mla \
+                else _HostBuffer(layout, planes[0], planes[1])
+            self.buffer.registered = self._registered
         except BaseException:
             self.close()
             raise
@@ -178,6 +180,8 @@ class HostPool:
     # -- lifetime ---------------------------------------------------------------------
     def close(self, *, quiet: bool = False) -> None:
         """Unregister and unmap. Views still held elsewhere keep the memory (unpinned) alive."""
+        if getattr(self, "buffer", None) is not None:
+            self.buffer.registered = False
         if self._registered:
             err = torch.cuda.cudart().cudaHostUnregister(self._data.data_ptr())
             if int(err) != 0:
@@ -252,6 +256,16 @@ class HostPool:
             )
         self._registered = True
         return "cudaHostRegister"
+
+
+class _HostBuffer(KVBuffer):
+    """The pool's KVBuffer: pinned exactly when the pool registered it (``is_pinned``
+    must not depend on how torch classifies ``cudaHostRegister``-ed memory)."""
+
+    registered = False
+
+    def is_pinned(self) -> bool:
+        return self.registered
 
 
 def _bind_to_node(address: int, nbytes: int, node: int) -> None:
