@@ -15,6 +15,8 @@ page) plus a small part per layer; the one-layer case shows the fixed part.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -98,7 +100,6 @@ def _wait(handle, layer):
 
 
 def _call_overhead_us() -> float:
-    import time
     def nothing(handle, layer):
         pass
     best = []
@@ -107,3 +108,41 @@ def _call_overhead_us() -> float:
         nothing(None, 7)
         best.append(time.perf_counter() - t)
     return sorted(best)[len(best) // 2] * 1e6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_schedule_layerwise_load_on_gpu(benchmark):
+    """The same on real streams with the kernel backend: CPU time of load() including
+    32 kernel launches (reported, not asserted: launch cost belongs to the backend)."""
+    lay = KVLayout("layer_first", num_layers=LAYERS, num_slots=TOKENS + 2 * PAGE, head_num=8,
+                   head_dim=128, dtype=torch.bfloat16, page_size=PAGE)
+    k = [torch.zeros(lay.num_slots, 8, 128, dtype=torch.bfloat16, device="cuda")
+         for _ in range(LAYERS)]
+    pool = KVBuffer.from_layers(k, [torch.zeros_like(t) for t in k], page_size=PAGE)
+    mgr = HiCacheManager(pool, host_reserve_gb=0)
+    ids = [("page", i) for i in range(TOKENS // PAGE)]
+    mgr.alloc_host(ids)
+
+    def setup():
+        mgr.synchronize()
+        mgr.poll()
+        if mgr.table.get(ids[0]).device_page >= 0:
+            mgr.evict_device(ids)
+        return (ids,), {}
+
+    benchmark.pedantic(mgr.load, setup=setup, rounds=100, warmup_rounds=10)
+    per_call = benchmark.stats.stats.median * 1e6
+    backend = mgr._load_transfers[0].backend.name
+    benchmark.extra_info.update(per_call_us=round(per_call, 1), backend=backend,
+                                gpu=torch.cuda.get_device_name())
+    print(f"\nGPU ({torch.cuda.get_device_name()}, {backend}): load() of {TOKENS} tokens, "
+          f"{LAYERS} layers: {per_call:.0f} us of CPU, {per_call / LAYERS:.1f} us per layer")
+    setup()
+    h = mgr.load(ids)
+    waits = []
+    for layer in range(LAYERS):
+        t = time.perf_counter()
+        h.wait(layer)
+        waits.append(time.perf_counter() - t)
+    print(f"GPU wait(layer): {sorted(waits)[LAYERS // 2] * 1e6:.1f} us of CPU")
+    mgr.close()

@@ -307,6 +307,10 @@ def test_errors_name_the_argument(gen):
         mgr.unpin(["a"])
     with pytest.raises(ValueError, match="expected at least one page"):
         mgr.load([])
+    with pytest.raises(ValueError, match="expected distinct ids"):
+        mgr.evict_device(["a", "a"])
+    with pytest.raises(ValueError, match="expected distinct ids"):
+        mgr.free(["a", "a"])
     with pytest.raises(ValueError, match="have no host copy"):
         mgr.host_indices(["a"])
     assert mgr.stats() == before
@@ -316,6 +320,18 @@ def test_errors_name_the_argument(gen):
         make(write_policy="write_sometimes")
     with pytest.raises(RuntimeError, match="prefetch: the manager has no storage tier"):
         mgr.prefetch(["a"])
+
+
+def test_duplicate_ids_are_refused_or_counted_once(gen):
+    mgr, _ = make(write_policy="write_through_selective")
+    write_pages(mgr, ["a"], gen)
+    assert mgr.hit(["a", "a"]) is None                        # one hit, not two
+    mgr.backup(["a"])
+    mgr.evict_device(["a"])
+    before = mgr.stats()
+    with pytest.raises(ValueError, match="'a' appears twice"):
+        mgr.load(["a", "a"])
+    assert mgr.stats() == before
 
 
 def test_host_pool_sizing_by_ratio_and_by_size():

@@ -439,7 +439,7 @@ class HiCacheManager:
 
     def free(self, page_ids: Sequence[Hashable]) -> None:
         """Forget pages on every tier. Slots a transfer still uses are reused only after it."""
-        entries = self._entries(page_ids)
+        entries = self._entries(page_ids, distinct=True)
         for e in entries:
             if e.pins:
                 raise ValueError(f"page_ids: {e.page_id!r} is pinned ({e.pins}); unpin it first")
@@ -499,7 +499,7 @@ class HiCacheManager:
 
         ``producer``: the stream that wrote the pages' KV (default: compute stream).
         """
-        entries = self._entries(page_ids)
+        entries = list(dict.fromkeys(self._entries(page_ids)))   # a hit counts once
         table = self.table
         threshold = self._threshold
         due = []
@@ -518,7 +518,7 @@ class HiCacheManager:
     def backup(self, page_ids: Sequence[Hashable], *, producer=None) -> int | None:
         """Back up device pages that have no host copy yet, whatever the policy.
         Returns the op id (acked by :meth:`poll`), None if all were on host already."""
-        entries = [e for e in self._entries(page_ids) if e.host_page < 0]
+        entries = [e for e in self._entries(page_ids, distinct=True) if e.host_page < 0]
         for e in entries:
             if e.device_page < 0:
                 raise ValueError(f"page_ids: {e.page_id!r} has no device copy to back up")
@@ -538,7 +538,7 @@ class HiCacheManager:
         write_back (their slots are released when the copy completes) and
         dropped under the write-through policies. Returns the evicted ids."""
         if page_ids is not None:
-            entries = self._entries(page_ids)
+            entries = self._entries(page_ids, distinct=True)
             for e in entries:
                 if e.device_page < 0 or e.load is not None or e.pins:
                     raise ValueError(
@@ -940,14 +940,17 @@ class HiCacheManager:
         self._next_op += 1
         return self._next_op
 
-    def _entries(self, page_ids: Sequence[Hashable]) -> list[PageEntry]:
+    def _entries(self, page_ids: Sequence[Hashable], *, distinct: bool = False) -> list[PageEntry]:
         table = self.table.entries
         try:
-            return [table[i] for i in page_ids]
+            entries = [table[i] for i in page_ids]
         except KeyError as exc:
             raise KeyError(f"page_ids: {exc.args[0]!r} is not in the page table") from None
         except TypeError as exc:
             raise TypeError(f"page_ids: expected a sequence of hashable ids ({exc})") from None
+        if distinct and len(set(map(id, entries))) != len(entries):
+            raise ValueError("page_ids: expected distinct ids")
+        return entries
 
     def _new_ids(self, page_ids: Sequence[Hashable], name: str) -> list:
         ids = list(page_ids)

@@ -73,6 +73,8 @@ class PageAllocator:
         """Give pages back; locked ones are reused only once unlocked."""
         if len(pages) == 0:
             return
+        if len(pages) > 1 and len(np.unique(pages)) != len(pages):
+            raise ValueError(f"{self.name}: a page is freed twice in one call")
         if not (self._state[pages] == USED).all():
             bad = [int(p) for p in pages if self._state[p] != USED]
             raise ValueError(f"{self.name}: pages {bad[:8]} are not allocated (double free?)")
