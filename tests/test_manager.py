@@ -228,6 +228,8 @@ def test_wait_on_one_layer_lets_it_run_before_later_layers(gen):
         slots_bytes(mgr.device_pool, h.device_indices, range(0, 1))), "attention L0")
     h.wait(2)
     dev.launch(dev.current_stream(), lambda s: seen.append("L2"), "attention L2")
+    with pytest.raises(IndexError, match="layer: expected 0 <= layer < 3, got 3"):
+        h.wait(3)
     load = mgr.load_stream
     while not dev.runnable(dev.current_stream()):
         assert dev.step(load)

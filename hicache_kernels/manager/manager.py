@@ -209,6 +209,8 @@ class LoadHandle(_Op):
         landed; the CPU does not block. Later layers may still be in flight."""
         if self._done:
             return
+        if not 0 <= layer < len(self._events):
+            raise IndexError(f"layer: expected 0 <= layer < {len(self._events)}, got {layer!r}")
         dev = self._device
         if stream is None:
             stream = dev.current_stream()
@@ -674,10 +676,11 @@ class HiCacheManager:
         """Block until every load and backup in flight has finished, and with
         ``storage=True`` every storage op too (acks wait for :meth:`poll`)."""
         dev = self.device
-        for h in list(self._loads):
-            dev.synchronize(h._events[-1])
-        for op in list(self._backups):
-            dev.synchronize(op.event)
+        with self._mark("synchronize", 0):
+            for h in list(self._loads):
+                dev.synchronize(h._events[-1])
+            for op in list(self._backups):
+                dev.synchronize(op.event)
         self._collect()
         if storage:
             for op in list(self._storage_ops):
