@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import HAS_GPU, poison_, random_bytes_
 from hicache_kernels import KVBuffer, KVLayout
-from hicache_kernels.layouts import layer_view
 from hicache_kernels.manager import (EmulatedDevice, HiCacheManager, InMemoryStorage, OutOfPages,
                                      PageState)
 from hicache_kernels.manager import manager as manager_module

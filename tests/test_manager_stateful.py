@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, Phase, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from conftest import HAS_GPU, poison_
+from conftest import poison_
 from hicache_kernels import KVBuffer, KVLayout
 from hicache_kernels.manager import CudaDevice, EmulatedDevice, HiCacheManager, OutOfPages
 

@@ -49,7 +49,7 @@ import contextlib
 import enum
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from functools import partial
 from itertools import islice
 from typing import Callable, Hashable, Sequence
