@@ -232,6 +232,25 @@ class KVLayout:
             raise IndexError(f"head: expected 0 <= head < {self.head_num}, got {head}")
         return layer * self.layer_stride() + self.plane_addressing().item_offset(slot, head)
 
+    def page_byte_runs(self) -> list[tuple[int, int]]:
+        """``(offset, nbytes)`` runs, adjacent ones merged, covering every byte of
+        page 0 (slots ``0 .. page_size-1``) in every layer of one K (or V) tensor.
+
+        Page ``p`` is the same runs shifted by ``plane_addressing().item_offset(p *
+        page_size)``. A storage tier uses these to move whole pages: one run for
+        the paged and page-first layouts, one per layer for ``layer_first``.
+        """
+        hb = self.head_bytes
+        starts = sorted(self.byte_offset(slot, layer, head) for layer in range(self.num_layers)
+                        for slot in range(self.page_size) for head in range(self.head_num))
+        runs: list[list[int]] = []
+        for start in starts:
+            if runs and runs[-1][0] + runs[-1][1] == start:
+                runs[-1][1] += hb
+            else:
+                runs.append([start, hb])
+        return [(offset, nbytes) for offset, nbytes in runs]
+
     # -- helpers ---------------------------------------------------------------
     def with_(self, **changes) -> "KVLayout":
         """A copy with some fields changed (``lay.with_(kind="page_first")``)."""

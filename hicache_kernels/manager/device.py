@@ -1,0 +1,248 @@
+"""Streams and events: real CUDA ones, or an emulation that runs the same manager code on CPU.
+
+The manager only ever talks to a :class:`Device`: it makes streams and events,
+records, waits, queries, and launches work on a stream. :class:`CudaDevice`
+maps each call onto ``torch.cuda``. :class:`EmulatedDevice` keeps one queue of
+operations per stream and runs them on the CPU, either at once
+(``defer=False``: a synchronous device) or when the caller steps it
+(``defer=True``), so tests can hold transfers in flight, run the streams in any
+order the ordering rules allow, and see whether a missing rule corrupts data.
+
+Example (emulated, deferred):
+    >>> dev = EmulatedDevice(defer=True)
+    >>> s, t = dev.stream(0), dev.stream(0)
+    >>> done = dev.event()
+    >>> out = []
+    >>> dev.launch(s, lambda stream: out.append("copy"))
+    >>> dev.record(done, s)
+    >>> dev.wait(t, done)                  # t's later work runs after the copy
+    >>> dev.launch(t, lambda stream: out.append("use"))
+    >>> dev.query(done), out
+    (False, [])
+    >>> dev.run_all(); out
+    ['copy', 'use']
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["Device", "CudaDevice", "EmulatedDevice", "EmulatedStream", "EmulatedEvent"]
+
+# fn(stream) runs the work on ``stream`` (the manager's closures call a prepared Transfer).
+Work = Callable[[Any], None]
+
+
+class Device:
+    """What the manager needs from a GPU: streams, events, and a place to launch work."""
+
+    name = "device"
+    is_cuda = False
+
+    def stream(self, priority: int = 0):
+        raise NotImplementedError
+
+    def current_stream(self):
+        raise NotImplementedError
+
+    def event(self):
+        raise NotImplementedError
+
+    def record(self, event, stream) -> None:
+        raise NotImplementedError
+
+    def wait(self, stream, event) -> None:
+        """Make later work on ``stream`` wait for the event's last record (no CPU block)."""
+        raise NotImplementedError
+
+    def query(self, event) -> bool:
+        """Whether everything before the event's last record has finished (never blocks)."""
+        raise NotImplementedError
+
+    def synchronize(self, event) -> None:
+        """Block the CPU until the event has completed."""
+        raise NotImplementedError
+
+    def launch(self, stream, work: Work, tag: Any = None) -> None:
+        """Run ``work(stream)`` on ``stream``. ``tag`` describes it to the emulation's tests."""
+        raise NotImplementedError
+
+    def priority_range(self) -> tuple[int, int]:
+        """(lowest, highest) stream priority; CUDA counts down, so highest is the smaller."""
+        return (0, -1)
+
+
+class CudaDevice(Device):
+    """``torch.cuda`` streams and events on one GPU."""
+
+    is_cuda = True
+
+    def __init__(self, device: torch.device | str | int | None = None):
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device is None \
+            else torch.device(device)
+        self.name = f"cuda ({torch.cuda.get_device_name(self.device)})"
+
+    def stream(self, priority: int = 0):
+        return torch.cuda.Stream(self.device, priority=priority)
+
+    def current_stream(self):
+        return torch.cuda.current_stream(self.device)
+
+    def event(self):
+        return torch.cuda.Event()
+
+    def record(self, event, stream) -> None:
+        event.record(stream)
+
+    def wait(self, stream, event) -> None:
+        stream.wait_event(event)
+
+    def query(self, event) -> bool:
+        return event.query()
+
+    def synchronize(self, event) -> None:
+        event.synchronize()
+
+    def launch(self, stream, work: Work, tag: Any = None) -> None:
+        work(stream)
+
+    def priority_range(self) -> tuple[int, int]:
+        # through an instance: static in some torch versions, a method in others
+        return tuple(torch.cuda.current_stream(self.device).priority_range())
+
+
+class EmulatedStream:
+    """A queue of operations that run in order, like a CUDA stream."""
+
+    __slots__ = ("name", "priority", "ops", "issued", "completed")
+
+    def __init__(self, name: str, priority: int = 0):
+        self.name = name
+        self.priority = priority
+        self.ops: deque = deque()   # (work | None, tag, wait_target | None)
+        self.issued = 0             # operations ever enqueued
+        self.completed = 0          # operations finished
+
+    def __repr__(self) -> str:
+        return f"EmulatedStream({self.name!r}, pending={len(self.ops)})"
+
+
+class EmulatedEvent:
+    """Completes once its stream has finished everything enqueued before the record."""
+
+    __slots__ = ("stream", "target")
+
+    def __init__(self):
+        self.stream: EmulatedStream | None = None
+        self.target = 0
+
+    def done(self) -> bool:
+        return self.stream is None or self.stream.completed >= self.target
+
+
+class EmulatedDevice(Device):
+    """A CPU stand-in for a GPU that runs the manager's code path unchanged.
+
+    Args:
+        defer: queue work until :meth:`step`, :meth:`run_all` or a
+            :meth:`synchronize` needs it (tests hold transfers in flight this
+            way); False runs each operation as soon as it is launched.
+        seed: order in which :meth:`run_all` picks among runnable streams
+            (None: round robin).
+        execute: False completes operations without running their work (a
+            device with free copies: benchmarks of the manager's own cost).
+    """
+
+    name = "emulated (CPU)"
+
+    def __init__(self, *, defer: bool = False, seed: int | None = None, execute: bool = True):
+        self.defer = defer
+        self.execute = execute
+        self.streams: list[EmulatedStream] = []
+        self._rng = random.Random(seed) if seed is not None else None
+        self._compute = self.stream(0, name="compute")
+
+    # -- the Device interface ----------------------------------------------------
+    def stream(self, priority: int = 0, *, name: str | None = None) -> EmulatedStream:
+        s = EmulatedStream(name or f"stream{len(self.streams)}", priority)
+        self.streams.append(s)
+        return s
+
+    def current_stream(self) -> EmulatedStream:
+        return self._compute
+
+    def event(self) -> EmulatedEvent:
+        return EmulatedEvent()
+
+    def record(self, event: EmulatedEvent, stream: EmulatedStream) -> None:
+        event.stream = stream
+        event.target = stream.issued
+
+    def wait(self, stream: EmulatedStream, event: EmulatedEvent) -> None:
+        if event.done():
+            return  # already satisfied: CUDA would not delay anything either
+        # Snapshot the record now: a later re-record must not change this wait.
+        self._enqueue(stream, None, None, (event.stream, event.target))
+
+    def query(self, event: EmulatedEvent) -> bool:
+        return event.done()
+
+    def synchronize(self, event: EmulatedEvent) -> None:
+        while not event.done():
+            if not self._step_any(prefer=event.stream):
+                raise RuntimeError(
+                    f"emulated device: deadlock, {event.stream.name} can never reach its event "
+                    f"({self.describe()})"
+                )
+
+    def launch(self, stream: EmulatedStream, work: Work, tag: Any = None) -> None:
+        self._enqueue(stream, work, tag, None)
+
+    # -- stepping (tests) ------------------------------------------------------------
+    def runnable(self, stream: EmulatedStream) -> bool:
+        if not stream.ops:
+            return False
+        wait_for = stream.ops[0][2]
+        return wait_for is None or wait_for[0].completed >= wait_for[1]
+
+    def step(self, stream: EmulatedStream) -> bool:
+        """Run the next operation of ``stream`` if its waits allow; return whether one ran."""
+        if not self.runnable(stream):
+            return False
+        work, _tag, _wait = stream.ops.popleft()
+        if work is not None and self.execute:
+            work(stream)
+        stream.completed += 1
+        return True
+
+    def run_all(self) -> None:
+        """Run every queued operation, in an order the waits allow."""
+        while any(s.ops for s in self.streams):
+            if not self._step_any():
+                raise RuntimeError(f"emulated device: deadlock ({self.describe()})")
+
+    def pending(self) -> list[tuple[str, Any]]:
+        """(stream name, tag) of each queued launch, oldest first per stream."""
+        return [(s.name, op[1]) for s in self.streams for op in s.ops if op[0] is not None]
+
+    def describe(self) -> str:
+        return ", ".join(f"{s.name}: {len(s.ops)} queued" for s in self.streams)
+
+    # -- internals -------------------------------------------------------------------
+    def _enqueue(self, stream, work, tag, wait_for) -> None:
+        stream.issued += 1
+        stream.ops.append((work, tag, wait_for))
+        if not self.defer:
+            self.run_all()
+
+    def _step_any(self, prefer: EmulatedStream | None = None) -> bool:
+        if prefer is not None and self.step(prefer):
+            return True
+        order = list(self.streams)
+        if self._rng is not None:
+            self._rng.shuffle(order)
+        return any(self.step(s) for s in order)

@@ -1,0 +1,1012 @@
+"""HiCacheManager: which pages live where, and moving them without ever losing a byte.
+
+The manager owns a host pool, one page allocator per pool, a page table keyed
+by the caller's page ids, and two streams of its own (load: host -> device,
+backup: device -> host). It calls the ops layer's prepared
+:class:`~hicache_kernels.ops.Transfer` objects (one per layer for loads, one
+over all layers for backups), never kernels.
+
+Ordering rules, enforced here so callers cannot get them wrong:
+
+1. A backup waits for the stream that produced the KV (the compute stream,
+   or ``producer=``) before reading the device pages.
+2. A load waits for the compute stream before overwriting device slots that
+   may have been used before (work queued there may still read or write them).
+3. A host slot stays locked until every load reading it has completed.
+4. A device slot is not released before the backup reading it has completed
+   (the write_back eviction path, and evicting during a write-through backup).
+
+Also always on: a slot written by a transfer is not reused before it
+completes, and a load of a page whose backup is still running waits for it.
+
+Rules 3 and 4 (and the always-on locks) are page locks in
+:class:`~hicache_kernels.manager.pages.PageAllocator`: a page freed while
+locked is reused only after its last transfer finishes.
+
+Example (CPU emulation; on a GPU pass a CUDA device pool):
+    >>> lay = KVLayout("layer_first", num_layers=2, num_slots=64, head_num=2,
+    ...                head_dim=8, dtype=torch.bfloat16, page_size=16)
+    >>> dev = KVBuffer.allocate(lay)
+    >>> mgr = HiCacheManager(dev, hicache_ratio=2.0, backend="reference", host_reserve_gb=0)
+    >>> slots = mgr.alloc_device(["a", "b"])     # token slots; the model writes KV there
+    >>> op = mgr.hit(["a", "b"])                 # write_through: backed up on first hit
+    >>> mgr.synchronize(); [a.kind for a in mgr.poll()]
+    ['backup']
+    >>> mgr.evict_device(["a"])
+    ['a']
+    >>> handle = mgr.load(["a"])                 # back to the device, layer by layer
+    >>> handle.wait(0)                           # the current stream waits for layer 0
+    >>> handle.synchronize(); [a.kind for a in mgr.poll()]
+    ['load']
+    >>> mgr.lookup(["a"])
+    [<PageState.DEVICE|HOST: 3>]
+    >>> mgr.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import time
+from dataclasses import dataclass, fields
+from functools import partial
+from itertools import islice
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+import torch
+
+from ..buffers import KVBuffer
+from ..layouts import KVLayout
+from ..nvtx_ranges import enabled as _nvtx_enabled, nvtx_range
+from ..ops import Transfer
+from .device import CudaDevice, Device, EmulatedDevice
+from .host_pool import HostPool, host_pool_slots
+from .pages import OutOfPages, PageAllocator, PageEntry, PageTable
+from .policy import WritePolicy, device_victims, host_victims
+
+__all__ = ["HiCacheConfig", "HiCacheManager", "LoadHandle", "Ack", "Eviction", "PageState",
+           "OutOfPages"]
+
+log = logging.getLogger("hicache_kernels.manager")
+_NULL = contextlib.nullcontext()
+
+
+@dataclass
+class HiCacheConfig:
+    """Options of :class:`HiCacheManager` (all may also be passed as keywords to it)."""
+
+    page_size: int | None = None
+    """tokens per page; None: the device pool layout's page_size. A layer_first device
+    pool (SGLang's per-layer tensors) may use any page size."""
+    hicache_ratio: float = 2.0
+    """host pool size as a multiple of the device pool (SGLang's --hicache-ratio)."""
+    hicache_size: float | None = None
+    """host pool size in GB (10^9 bytes); overrides hicache_ratio (SGLang's --hicache-size)."""
+    host_layout: str = "layer_first"
+    """host layout kind: layer_first, page_first, page_first_direct or page_head."""
+    write_policy: str = "write_through"
+    """write_through, write_through_selective or write_back (see policy.py)."""
+    write_through_threshold: int | None = None
+    """hits before a backup; None: 1 for write_through, 2 for write_through_selective."""
+    backend: str = "auto"
+    """transfer backend for both directions (ops.Transfer's backend)."""
+    sm_budget: int | None = None
+    """most SMs a transfer kernel may occupy; transfers share SMs with the forward pass."""
+    num_warps: int | None = None
+    """warps per block/program of a kernel backend."""
+    load_priority: int | None = None
+    """load stream priority; None: the highest (loads are on the forward's critical path)."""
+    backup_priority: int | None = None
+    """backup stream priority; None: the lowest (backups only need to finish eventually)."""
+    pin_memory: bool | None = None
+    """cudaHostRegister the host pool; None: when CUDA is available."""
+    huge_pages: str = "none"
+    """none, transparent (madvise) or hugetlb (MAP_HUGETLB) for the host pool."""
+    numa_node: int | None = None
+    """bind the host pool to this NUMA node (the GPU's); None: first-touch."""
+    host_reserve_gb: float = 4.0
+    """GiB of host memory the pool must leave free; it fails early otherwise."""
+    storage_write_through: bool = True
+    """with a storage tier, write each page to it once its backup reaches host."""
+
+
+class PageState(enum.IntFlag):
+    """Where a page is (``lookup``). 0 (``ABSENT``): not in the table."""
+
+    ABSENT = 0
+    DEVICE = 1          # a device copy (complete unless LOADING)
+    HOST = 2            # a host copy (complete unless BACKING_UP or FETCHING)
+    LOADING = 4         # the device copy is arriving from host
+    BACKING_UP = 8      # the host copy is arriving from device
+    FETCHING = 16       # the host copy is arriving from storage
+    PINNED = 32         # pinned by the caller: never evicted from the device
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A finished transfer reported by :meth:`HiCacheManager.poll`.
+
+    ``kind``: ``"load"``, ``"backup"``, ``"prefetch"`` (storage -> host) or
+    ``"store"`` (host -> storage). ``failed``: ids a storage op could not move.
+    """
+
+    kind: str
+    op_id: int
+    page_ids: tuple
+    failed: tuple = ()
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """What an eviction did, passed to ``on_evict``: ``page_ids`` left ``tier``;
+    ``removed`` (a subset) are no longer held anywhere and left the page table."""
+
+    tier: str
+    page_ids: tuple
+    removed: tuple
+
+
+@dataclass
+class _Rules:
+    """The ordering rules (module docstring). Private: tests switch one off to
+    prove the stateful test notices."""
+
+    backup_waits_producer: bool = True
+    load_waits_compute: bool = True
+    host_locked_during_load: bool = True
+    device_locked_during_backup: bool = True
+
+
+class _Op:
+    """A transfer in flight: the pages it reads and writes, in entry order."""
+
+    __slots__ = ("op_id", "entries", "host_pages", "device_pages", "extra_events")
+
+    def __init__(self, op_id, entries, host_pages, device_pages):
+        self.op_id = op_id
+        self.entries = entries
+        self.host_pages = host_pages
+        self.device_pages = device_pages
+        self.extra_events: list = []     # events this op waited on, recycled when it retires
+
+
+class LoadHandle(_Op):
+    """A load in flight: one event per layer.
+
+    Attributes:
+        op_id: matches the ``Ack`` that :meth:`HiCacheManager.poll` reports.
+        page_ids: the pages, in order.
+        device_indices: int64 ``[len(page_ids) * page_size]`` token slots on the
+            device where the pages land (page ``i`` at ``[i*P, (i+1)*P)``).
+        host_indices: the token slots read from the host pool (CPU).
+    """
+
+    __slots__ = ("page_ids", "device_indices", "host_indices", "_device", "_events",
+                 "_host_locked", "_done", "_page_size")
+
+    def __init__(self, op_id, page_ids, entries, host_pages, device_pages, device, page_size):
+        super().__init__(op_id, entries, host_pages, device_pages)
+        self.page_ids = page_ids
+        self._device = device
+        self._events: list = []
+        self._host_locked = False
+        self._done = False
+        self._page_size = page_size
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._events)
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`HiCacheManager.poll` has reported this load finished."""
+        return self._done
+
+    def wait(self, layer: int, stream=None) -> None:
+        """Make ``stream`` (default: the current stream) wait until ``layer`` has
+        landed; the CPU does not block. Later layers may still be in flight."""
+        if self._done:
+            return
+        if not 0 <= layer < len(self._events):
+            raise IndexError(f"layer: expected 0 <= layer < {len(self._events)}, got {layer!r}")
+        dev = self._device
+        if stream is None:
+            stream = dev.current_stream()
+        if _nvtx_enabled():
+            with nvtx_range(f"hicache.wait L{layer} n={len(self.page_ids) * self._page_size}"):
+                dev.wait(stream, self._events[layer])
+        else:
+            dev.wait(stream, self._events[layer])
+
+    def wait_all(self, stream=None) -> None:
+        """:meth:`wait` for the last layer (layers land in order)."""
+        if not self._done:
+            self.wait(len(self._events) - 1, stream)
+
+    def query(self, layer: int | None = None) -> bool:
+        """Whether ``layer`` (default: all) has landed, without blocking."""
+        if self._done:
+            return True
+        return self._device.query(self._events[-1 if layer is None else layer])
+
+    def synchronize(self) -> None:
+        """Block the CPU until every layer has landed."""
+        if not self._done:
+            self._device.synchronize(self._events[-1])
+
+    def __repr__(self) -> str:
+        return f"LoadHandle(op {self.op_id}, {len(self.page_ids)} pages, done={self._done})"
+
+
+class _Backup(_Op):
+    __slots__ = ("event", "device_locked")
+
+    def __init__(self, op_id, entries, host_pages, device_pages):
+        super().__init__(op_id, entries, host_pages, device_pages)
+        self.event = None
+        self.device_locked = False
+
+
+class _StorageOp:
+    __slots__ = ("op_id", "kind", "entries", "host_pages", "pending")
+
+    def __init__(self, op_id, kind, entries, host_pages, pending):
+        self.op_id = op_id
+        self.kind = kind              # "prefetch" or "store"
+        self.entries = entries
+        self.host_pages = host_pages
+        self.pending = pending        # a sequence of bools, or an object with poll()
+
+
+def _page_size(asked: int | None, device_layout: KVLayout) -> int:
+    if asked is None:
+        return device_layout.page_size
+    if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
+        raise ValueError(f"page_size: expected a positive int or None, got {asked!r}")
+    if device_layout.paged and asked != device_layout.page_size:
+        raise ValueError(f"page_size: the device pool is {device_layout.kind.value} with pages of "
+                         f"{device_layout.page_size} tokens, got {asked}")
+    if asked > device_layout.num_slots:
+        raise ValueError(f"page_size: {asked} is larger than the device pool "
+                         f"({device_layout.num_slots} slots)")
+    return asked
+
+
+def _wait_storage_op(pending, timeout_s: float = 60.0) -> None:
+    """Block until a storage op finishes: its ``wait()`` if it has one, else poll."""
+    if not hasattr(pending, "poll"):
+        return
+    if hasattr(pending, "wait"):
+        pending.wait()
+        return
+    deadline = time.monotonic() + timeout_s
+    while pending.poll() is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"storage op did not finish within {timeout_s:g} s")
+        time.sleep(0.001)
+
+
+def _run_transfer(transfer: Transfer, src: torch.Tensor, dst: torch.Tensor, cuda: bool,
+                  stream) -> None:
+    # The manager's indices are valid by construction: skip the bounds check (a sync on GPU).
+    transfer(src, dst, stream=stream if cuda else None, check=False)
+
+
+class HiCacheManager:
+    """A device pool, a host pool twice its size (by default), and the moves between them.
+
+    Args:
+        device_pool: the device tier, a :class:`KVBuffer` (SGLang's per-layer
+            ``[num_slots, head_num, head_dim]`` tensors via ``KVBuffer.from_layers``);
+            its ``layout.page_size`` is the page size. On a CPU buffer the
+            manager runs on an :class:`EmulatedDevice`.
+        config: a :class:`HiCacheConfig`; keywords override its fields.
+        device: the :class:`Device` (default: CUDA for a CUDA pool, else a
+            synchronous :class:`EmulatedDevice`).
+        compute_stream: the stream the model runs on (default: the current
+            stream at each call).
+        storage: an optional lower tier (:mod:`.storage`'s protocol).
+        on_evict: called with an :class:`Eviction` after every eviction, so the
+            caller's tree stays in step.
+
+    Page ids are any hashables the caller chooses. The manager is not thread-safe:
+    call it from one thread (the scheduler's).
+    """
+
+    def __init__(self, device_pool: KVBuffer, config: HiCacheConfig | None = None, *,
+                 device: Device | None = None, compute_stream=None, storage=None,
+                 on_evict: Callable[[Eviction], None] | None = None, **options):
+        if not isinstance(device_pool, KVBuffer):
+            raise TypeError(f"device_pool: expected a KVBuffer, got {type(device_pool).__name__}")
+        cfg = config if config is not None else HiCacheConfig()
+        unknown = set(options) - {f.name for f in fields(HiCacheConfig)}
+        if unknown:
+            raise TypeError(f"HiCacheManager: unknown option(s) {sorted(unknown)}; see HiCacheConfig")
+        if options:
+            cfg = HiCacheConfig(**{**cfg.__dict__, **options})
+        self.config = cfg
+        self.policy = WritePolicy.parse(cfg.write_policy)
+        threshold = cfg.write_through_threshold
+        if threshold is not None and (not isinstance(threshold, int) or threshold < 1):
+            raise ValueError(f"write_through_threshold: expected a positive int, got {threshold!r}")
+        self._threshold = None if self.policy.backs_up_on_evict else \
+            (threshold or self.policy.default_threshold())
+        self._rules = _Rules()
+        self.on_evict = on_evict
+        self.storage = storage
+
+        dlay = device_pool.layout
+        self.device_pool = device_pool
+        self.page_size = _page_size(cfg.page_size, dlay)
+        self.num_layers = dlay.num_layers
+        if device is None:
+            device = CudaDevice(device_pool.device) if device_pool.device.type == "cuda" \
+                else EmulatedDevice()
+        self.device = device
+        self._cuda = device.is_cuda
+        self._compute_stream = compute_stream
+
+        # -- pools -------------------------------------------------------------------
+        P = self.page_size
+        device_pages = dlay.num_slots // P
+        bytes_per_slot = dlay.item_bytes * dlay.num_planes_per_layer * dlay.num_layers
+        host_slots = host_pool_slots(device_pages * P, bytes_per_slot, P,
+                                     hicache_ratio=cfg.hicache_ratio, hicache_size=cfg.hicache_size)
+        hlay = dlay.with_(kind=cfg.host_layout, num_slots=host_slots, page_size=P)
+        self.host_pool = HostPool(hlay, pin=cfg.pin_memory, huge_pages=cfg.huge_pages,
+                                  numa_node=cfg.numa_node, reserve_gb=cfg.host_reserve_gb)
+        try:
+            self._setup(cfg, device, device_pages, host_slots)
+        except BaseException:
+            self.host_pool.close(quiet=True)
+            raise
+        if storage is not None:
+            storage.attach(self.host_pool)
+        self._log_startup(device_pages * P, host_slots)
+
+    def _setup(self, cfg: HiCacheConfig, device: Device, device_pages: int, host_slots: int) -> None:
+        P, host, device_pool = self.page_size, self.host_pool.buffer, self.device_pool
+        self.device_pages = PageAllocator(device_pages, "device pool")
+        self.host_pages = PageAllocator(host_slots // P, "host pool")
+        self.table = PageTable()
+        # page -> its token slots, so indices for a transfer are one fancy index
+        self._device_slots = np.arange(device_pages * P, dtype=np.int64).reshape(device_pages, P)
+        self._host_slots = np.arange(host_slots, dtype=np.int64).reshape(-1, P)
+
+        # -- streams and prepared transfers ----------------------------------------------
+        low, high = device.priority_range()
+        self.load_stream = device.stream(high if cfg.load_priority is None else cfg.load_priority)
+        self.backup_stream = device.stream(low if cfg.backup_priority is None else cfg.backup_priority)
+        opts = dict(backend=cfg.backend, sm_budget=cfg.sm_budget, num_warps=cfg.num_warps)
+        self._load_transfers = [Transfer(host, device_pool, layers=l, **opts)
+                                for l in range(self.num_layers)]
+        self._backup_transfer = Transfer(device_pool, host, **opts)
+
+        self._events: list = []
+        self._loads: list[LoadHandle] = []       # in flight, in stream order
+        self._backups: list[_Backup] = []        # in flight, in stream order
+        self._storage_ops: list[_StorageOp] = []
+        self._acks: list[Ack] = []
+        self._next_op = 0
+        self._closed = False
+
+    # -- properties ------------------------------------------------------------------
+    @property
+    def compute_stream(self):
+        """The stream the model runs on (as given, else the current stream)."""
+        return self._compute_stream if self._compute_stream is not None else self.device.current_stream()
+
+    @property
+    def host(self) -> KVBuffer:
+        """The host pool's buffer."""
+        return self.host_pool.buffer
+
+    @property
+    def in_flight(self) -> int:
+        """Loads, backups and storage ops not yet reported by :meth:`poll`."""
+        return len(self._loads) + len(self._backups) + len(self._storage_ops)
+
+    # -- allocation ---------------------------------------------------------------------
+    def alloc_device(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
+        """Give new pages device slots (evicting least-recently-used pages if needed).
+
+        Returns the int64 token slots ``[len(page_ids) * page_size]`` on the
+        device pool's device; the model writes the pages' KV there. Raises
+        :class:`OutOfPages` when not enough pages can be freed.
+        """
+        ids = self._new_ids(page_ids, "page_ids")
+        with self._mark("alloc_device", len(ids) * self.page_size):
+            pages = self._alloc_device_pages(len(ids))
+            for page_id, page in zip(ids, pages.tolist()):
+                self.table.set_device(self.table.add(page_id), page)
+            return self._to_device(self._device_slots[pages].ravel(), self.compute_stream)
+
+    def alloc_host(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
+        """Give new pages host slots to fill directly (e.g. from another store).
+
+        Returns the int64 token slots (CPU) in the host pool; the pages count as
+        on host at once, so fill them before loading them.
+        """
+        ids = self._new_ids(page_ids, "page_ids")
+        with self._mark("alloc_host", len(ids) * self.page_size):
+            pages = self._alloc_host_pages(len(ids))
+            if pages is None:
+                raise OutOfPages(f"host pool: no {len(ids)} pages can be freed "
+                                 f"({self.host_pages.free_count} free)")
+            for page_id, page in zip(ids, pages.tolist()):
+                self.table.set_host(self.table.add(page_id), page)
+            return torch.from_numpy(self._host_slots[pages].ravel())
+
+    def free(self, page_ids: Sequence[Hashable]) -> None:
+        """Forget pages on every tier. Slots a transfer still uses are reused only after it."""
+        entries = self._entries(page_ids, distinct=True)
+        for e in entries:
+            if e.pins:
+                raise ValueError(f"page_ids: {e.page_id!r} is pinned ({e.pins}); unpin it first")
+        with self._mark("free", len(entries) * self.page_size):
+            self._release(entries, remove=True)
+
+    def pin(self, page_ids: Sequence[Hashable]) -> None:
+        """Keep pages on the device (a request is using them); counted."""
+        for e in self._entries(page_ids):
+            e.pins += 1
+
+    def unpin(self, page_ids: Sequence[Hashable]) -> None:
+        for e in self._entries(page_ids):
+            if e.pins == 0:
+                raise ValueError(f"page_ids: {e.page_id!r} is not pinned")
+            e.pins -= 1
+
+    # -- queries ---------------------------------------------------------------------
+    def lookup(self, page_ids: Sequence[Hashable]) -> list[PageState]:
+        """Each page's :class:`PageState` (``ABSENT`` when unknown), as of the last
+        :meth:`poll`: a finished transfer shows as in flight until polled."""
+        out = []
+        get = self.table.entries.get
+        for page_id in page_ids:
+            e = get(page_id)
+            if e is None:
+                out.append(PageState.ABSENT)
+                continue
+            s = PageState.ABSENT
+            if e.device_page >= 0:
+                s |= PageState.DEVICE | (PageState.LOADING if e.load is not None else 0)
+            if e.host_page >= 0:
+                s |= PageState.HOST
+                if e.backup is not None:
+                    s |= PageState.BACKING_UP
+                if e.fill is not None:
+                    s |= PageState.FETCHING
+            if e.pins:
+                s |= PageState.PINNED
+            out.append(s)
+        return out
+
+    def device_indices(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
+        """Token slots on the device of pages that have a device copy."""
+        pages = self._pages(page_ids, "device_page")
+        return self._to_device(self._device_slots[pages].ravel(), self.compute_stream)
+
+    def host_indices(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
+        """Token slots (CPU) in the host pool of pages that have a host copy."""
+        return torch.from_numpy(self._host_slots[self._pages(page_ids, "host_page")].ravel())
+
+    # -- policies ------------------------------------------------------------------------
+    def hit(self, page_ids: Sequence[Hashable], *, producer=None) -> int | None:
+        """Count a hit (the caller inserted or matched these pages) and apply the
+        write policy: write-through policies back up pages that reach their
+        threshold. Returns the backup's op id, or None when none started.
+
+        ``producer``: the stream that wrote the pages' KV (default: compute stream).
+        """
+        entries = list(dict.fromkeys(self._entries(page_ids)))   # a hit counts once
+        table = self.table
+        threshold = self._threshold
+        due = []
+        for e in entries:
+            e.hits += 1
+            table.touch(e)
+            if threshold is not None and e.hits >= threshold and e.host_page < 0 \
+                    and e.device_page >= 0:
+                due.append(e)
+        if not due:
+            return None
+        with self._mark("hit", len(due) * self.page_size):
+            op = self._backup(due, producer, why=f"{self.policy.value} hit")
+        return None if op is None else op.op_id
+
+    def backup(self, page_ids: Sequence[Hashable], *, producer=None) -> int | None:
+        """Back up device pages that have no host copy yet, whatever the policy.
+        Returns the op id (acked by :meth:`poll`), None if all were on host already."""
+        entries = [e for e in self._entries(page_ids, distinct=True) if e.host_page < 0]
+        for e in entries:
+            if e.device_page < 0:
+                raise ValueError(f"page_ids: {e.page_id!r} has no device copy to back up")
+        if not entries:
+            return None
+        with self._mark("backup", len(entries) * self.page_size):
+            op = self._backup(entries, producer, why="asked")
+        if op is None:
+            raise OutOfPages(f"host pool: no {len(entries)} pages can be freed for the backup")
+        return op.op_id
+
+    # -- eviction ------------------------------------------------------------------------
+    def evict_device(self, page_ids: Sequence[Hashable] | None = None, *,
+                     num_pages: int = 0) -> list:
+        """Drop device copies: ``page_ids``, or the ``num_pages`` least recently used
+        unpinned ones. Pages without a host copy are backed up first under
+        write_back (their slots are released when the copy completes) and
+        dropped under the write-through policies. Returns the evicted ids."""
+        if page_ids is not None:
+            entries = self._entries(page_ids, distinct=True)
+            for e in entries:
+                if e.device_page < 0 or e.load is not None or e.pins:
+                    raise ValueError(
+                        f"page_ids: {e.page_id!r} cannot leave the device "
+                        f"({'not on it' if e.device_page < 0 else 'loading' if e.load else 'pinned'})")
+        else:
+            entries = list(islice(device_victims(self.table), num_pages))
+        with self._mark("evict_device", len(entries) * self.page_size):
+            return self._evict_device(entries)
+
+    def evict_host(self, num_pages: int) -> list:
+        """Drop the ``num_pages`` least recently used host copies that no transfer
+        holds (pages with no device copy first). Returns the evicted ids."""
+        entries = list(islice(host_victims(self.table, self.host_pages.is_locked), num_pages))
+        with self._mark("evict_host", len(entries) * self.page_size):
+            return self._evict_host(entries)
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self, page_ids: Sequence[Hashable]) -> LoadHandle:
+        """Load host pages to the device, layer by layer, on the load stream.
+
+        Returns a :class:`LoadHandle`: ``handle.wait(layer)`` before attention on
+        ``layer``; ``handle.device_indices`` are where the pages land. The CPU
+        never blocks (unless the device pool must wait for a write-back copy).
+        """
+        entries = self._entries(page_ids)
+        n = len(entries)
+        if n == 0:
+            raise ValueError("page_ids: expected at least one page to load")
+        tokens = n * self.page_size
+        with self._mark("load", tokens):
+            # validate everything before changing anything (one pass when all is well)
+            host_list = [e.host_page for e in entries if e.device_page < 0 and e.fill is None]
+            if len(host_list) != n or min(host_list) < 0 or len(set(host_list)) != n:
+                self._refuse_load(entries)
+            busy = [e.backup for e in entries if e.backup is not None]
+            host_pages = np.array(host_list, dtype=np.int64)
+            dev_pages = self.device_pages.alloc(n)
+            if dev_pages is None:
+                # Making room may evict host pages: keep these out of reach meanwhile.
+                self.host_pages.lock(host_pages)
+                try:
+                    dev_pages = self._alloc_device_pages(n)
+                finally:
+                    self.host_pages.unlock(host_pages)
+            handle = LoadHandle(self._op_id(), tuple(page_ids), entries, host_pages, dev_pages,
+                                self.device, self.page_size)
+            dev, stream = self.device, self.load_stream
+            if busy:   # the host copy is still arriving: read it only once it has
+                for op in {id(o): o for o in busy}.values():
+                    dev.wait(stream, op.event)
+            if self._rules.load_waits_compute:
+                ev = self._event()
+                dev.record(ev, self.compute_stream)
+                dev.wait(stream, ev)
+                handle.extra_events.append(ev)
+            if self._rules.host_locked_during_load:
+                self.host_pages.lock(host_pages)
+                handle._host_locked = True
+            self.device_pages.lock(dev_pages)
+            src = torch.from_numpy(np.take(self._host_slots, host_pages, axis=0).ravel())
+            dst = self._to_device(np.take(self._device_slots, dev_pages, axis=0).ravel(), stream)
+            if self._cuda:
+                src = self._to_device(src.numpy(), stream)
+                # the model reads dst on its stream: keep the allocator from reusing it early
+                dst.record_stream(self.compute_stream)
+            handle.host_indices = src
+            handle.device_indices = dst
+            events = handle._events
+            cuda, launch, record, mark = self._cuda, dev.launch, dev.record, self._mark
+            for layer, t in enumerate(self._load_transfers):
+                with mark("load", tokens, layer):
+                    launch(stream, partial(_run_transfer, t, src, dst, cuda), handle)
+                    ev = self._event()
+                    record(ev, stream)
+                    events.append(ev)
+            device_lru, touch_host = self.table.device_lru, self.table.host_lru.move_to_end
+            for e, page in zip(entries, dev_pages.tolist()):
+                e.device_page = page
+                e.load = handle
+                device_lru[e] = None       # newly on the device: most recent
+                touch_host(e)
+            self._loads.append(handle)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("load op %d: %d pages (%d tokens) host->device, %d layers",
+                      handle.op_id, n, tokens, self.num_layers)
+        return handle
+
+    def prefetch(self, page_ids: Sequence[Hashable]) -> tuple:
+        """Fetch the stored prefix of ``page_ids`` (those not in the table) from
+        storage into host pages. Returns the ids being fetched; a ``"prefetch"``
+        :class:`Ack` reports them (and any that failed) when they are on host."""
+        if self.storage is None:
+            raise RuntimeError("prefetch: the manager has no storage tier")
+        table = self.table.entries
+        ids = [i for i in page_ids if i not in table]
+        n = self.storage.batch_exists(ids) if ids else 0
+        if n == 0:
+            return ()
+        ids = ids[:n]
+        with self._mark("prefetch", n * self.page_size):
+            pages = self._alloc_host_pages(n)
+            if pages is None:
+                return ()
+            entries = []
+            for page_id, page in zip(ids, pages.tolist()):
+                e = self.table.add(page_id)
+                self.table.set_host(e, page)
+                entries.append(e)
+            self.host_pages.lock(pages)
+            op = _StorageOp(self._op_id(), "prefetch", entries, pages, None)
+            for e in entries:
+                e.fill = op
+            try:
+                op.pending = self.storage.batch_get(ids, pages)
+            except BaseException:
+                self.host_pages.unlock(pages)
+                self._release(entries, remove=True)
+                raise
+            self._storage_ops.append(op)
+        log.debug("prefetch op %d: %d pages from storage", op.op_id, n)
+        return tuple(ids)
+
+    # -- completion ---------------------------------------------------------------------
+    def poll(self) -> list[Ack]:
+        """Finished loads, backups and storage ops since the last poll (never blocks)."""
+        with self._mark("poll", 0):
+            self._collect()
+            acks, self._acks = self._acks, []
+            return acks
+
+    def synchronize(self, *, storage: bool = False) -> None:
+        """Block until every load and backup in flight has finished, and with
+        ``storage=True`` every storage op too (acks wait for :meth:`poll`)."""
+        dev = self.device
+        with self._mark("synchronize", 0):
+            for h in list(self._loads):
+                dev.synchronize(h._events[-1])
+            for op in list(self._backups):
+                dev.synchronize(op.event)
+        self._collect()
+        if storage:
+            for op in list(self._storage_ops):
+                _wait_storage_op(op.pending)
+            self._collect()
+
+    def close(self) -> None:
+        """Finish transfers in flight, then unregister and free the host pool."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.synchronize(storage=True)
+        finally:
+            self._load_transfers = []
+            self._backup_transfer = None
+            self.host_pool.close()
+
+    def __enter__(self) -> "HiCacheManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        """Counts for logs and benchmarks."""
+        return dict(pages=len(self.table), device_free=self.device_pages.free_count,
+                    device_deferred=self.device_pages.deferred_count,
+                    host_free=self.host_pages.free_count,
+                    host_deferred=self.host_pages.deferred_count,
+                    loads_in_flight=len(self._loads), backups_in_flight=len(self._backups),
+                    storage_in_flight=len(self._storage_ops))
+
+    # -- internals: transfers -----------------------------------------------------------------
+    def _backup(self, entries: list[PageEntry], producer, *, why: str) -> _Backup | None:
+        """Back up device pages with no host copy; None if the host pool is full."""
+        n = len(entries)
+        host_pages = self._alloc_host_pages(n)
+        if host_pages is None:
+            log.debug("backup of %d pages skipped: host pool full of pages in use", n)
+            return None
+        dev_pages = np.array([e.device_page for e in entries], dtype=np.int64)
+        tokens = n * self.page_size
+        op = _Backup(self._op_id(), entries, host_pages, dev_pages)
+        dev, stream = self.device, self.backup_stream
+        if self._rules.backup_waits_producer:
+            ev = self._event()
+            dev.record(ev, producer if producer is not None else self.compute_stream)
+            dev.wait(stream, ev)
+            op.extra_events.append(ev)
+        if self._rules.device_locked_during_backup:
+            self.device_pages.lock(dev_pages)
+            op.device_locked = True
+        self.host_pages.lock(host_pages)
+        src = self._to_device(self._device_slots[dev_pages].ravel(), stream)
+        dst = torch.from_numpy(self._host_slots[host_pages].ravel())
+        if self._cuda:
+            dst = self._to_device(dst.numpy(), stream)
+        t, cuda = self._backup_transfer, self._cuda
+        with self._mark("backup", tokens):
+            dev.launch(stream, lambda s: _run_transfer(t, src, dst, cuda, s), op)
+            op.event = self._event()
+            dev.record(op.event, stream)
+        table = self.table
+        for e, page in zip(entries, host_pages.tolist()):
+            table.set_host(e, page)
+            e.backup = op
+        self._backups.append(op)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("backup op %d (%s): %d pages (%d tokens) device->host", op.op_id, why, n, tokens)
+        return op
+
+    def _collect(self) -> None:
+        """Retire finished transfers, oldest first per stream; queue their acks."""
+        query = self.device.query
+        loads = self._loads
+        while loads and query(loads[0]._events[-1]):
+            self._finish_load(loads.pop(0))
+        backups = self._backups
+        while backups and query(backups[0].event):
+            self._finish_backup(backups.pop(0))
+        if self._storage_ops:
+            self._collect_storage()
+
+    def _finish_load(self, h: LoadHandle) -> None:
+        if h._host_locked:
+            self.host_pages.unlock(h.host_pages)
+        self.device_pages.unlock(h.device_pages)
+        for e in h.entries:
+            if e.load is h:
+                e.load = None
+        h._done = True
+        self._events.extend(h._events)
+        self._events.extend(h.extra_events)
+        h.extra_events = []
+        self._acks.append(Ack("load", h.op_id, h.page_ids))
+        log.debug("load op %d done", h.op_id)
+
+    def _finish_backup(self, op: _Backup) -> None:
+        if op.device_locked:
+            self.device_pages.unlock(op.device_pages)
+        self.host_pages.unlock(op.host_pages)
+        done = [e for e in op.entries if e.backup is op]
+        for e in done:
+            e.backup = None
+        self._events.append(op.event)
+        self._events.extend(op.extra_events)
+        self._acks.append(Ack("backup", op.op_id, tuple(e.page_id for e in op.entries)))
+        log.debug("backup op %d done", op.op_id)
+        if self.storage is not None and self.config.storage_write_through:
+            # pages still on host in the slots this backup filled
+            live = [e for e in done if self.table.get(e.page_id) is e and e.storing is None]
+            if live:
+                self._store(live)
+
+    def _store(self, entries: list[PageEntry]) -> None:
+        pages = np.array([e.host_page for e in entries], dtype=np.int64)
+        self.host_pages.lock(pages)
+        op = _StorageOp(self._op_id(), "store", entries, pages, None)
+        for e in entries:
+            e.storing = op
+        with self._mark("store", len(entries) * self.page_size):
+            try:
+                op.pending = self.storage.batch_set([e.page_id for e in entries], pages)
+            except BaseException:
+                self.host_pages.unlock(pages)
+                for e in entries:
+                    e.storing = None
+                raise
+        self._storage_ops.append(op)
+        log.debug("store op %d: %d pages host->storage", op.op_id, len(entries))
+
+    def _collect_storage(self) -> None:
+        keep = []
+        for op in self._storage_ops:
+            result = op.pending.poll() if hasattr(op.pending, "poll") else op.pending
+            if result is None:
+                keep.append(op)
+                continue
+            self.host_pages.unlock(op.host_pages)
+            failed = []
+            for e, ok in zip(op.entries, result):
+                if op.kind == "prefetch":
+                    if e.fill is op:
+                        e.fill = None
+                        if not ok and self.table.get(e.page_id) is e:
+                            self._release([e], remove=True)
+                elif e.storing is op:
+                    e.storing = None
+                if not ok:
+                    failed.append(e.page_id)
+            self._acks.append(Ack(op.kind, op.op_id, tuple(e.page_id for e in op.entries),
+                                  tuple(failed)))
+        self._storage_ops = keep
+
+    # -- internals: slots ---------------------------------------------------------------------
+    def _alloc_device_pages(self, n: int) -> np.ndarray:
+        pages = self._alloc_pages(self.device_pages, n, lambda k: self._evict_device(
+            list(islice(device_victims(self.table), k))))
+        if pages is None:
+            alloc = self.device_pages
+            raise OutOfPages(
+                f"device pool: need {n} pages, {alloc.free_count} free, "
+                f"{alloc.deferred_count} waiting for transfers, the rest pinned or loading")
+        return pages
+
+    def _alloc_host_pages(self, n: int) -> np.ndarray | None:
+        return self._alloc_pages(self.host_pages, n, lambda k: self._evict_host(
+            list(islice(host_victims(self.table, self.host_pages.is_locked), k))))
+
+    def _alloc_pages(self, alloc: PageAllocator, n: int, evict) -> np.ndarray | None:
+        """``n`` pages of a pool: free ones, else evict LRU pages (``evict(k)``), else
+        wait for transfers that hold pages; None when none of that makes room."""
+        pages = alloc.alloc(n)
+        if pages is not None:
+            return pages
+        self._collect()
+        while (pages := alloc.alloc(n)) is None:
+            short = n - alloc.free_count - alloc.deferred_count
+            evicted = evict(short) if short > 0 else []
+            if alloc.free_count < n and not evicted and not self._wait_for_transfer(alloc):
+                return None
+        return pages
+
+    def _wait_for_transfer(self, pool: PageAllocator) -> bool:
+        """Block on the oldest transfer that may hold pages of ``pool``; False if none.
+        This is where a write-back eviction waits for its copy."""
+        if pool.deferred_count == 0:
+            return False
+        dev = self.device
+        if self._backups:
+            dev.synchronize(self._backups[0].event)
+        elif self._loads:
+            dev.synchronize(self._loads[0]._events[-1])
+        else:
+            return False   # only storage ops hold pages: they finish on their own
+        self._collect()
+        return True
+
+    def _evict_device(self, entries: list[PageEntry]) -> list:
+        if not entries:
+            return []
+        if self.policy.backs_up_on_evict:
+            unbacked = [e for e in entries if e.host_page < 0]
+            if unbacked and self._backup(unbacked, None, why="write_back eviction") is None:
+                # no host room: keep these on the device rather than lose them
+                entries = [e for e in entries if e.host_page >= 0]
+        removed = [e for e in entries if e.host_page < 0]
+        self.device_pages.free(np.array([e.device_page for e in entries], dtype=np.int64))
+        for e in entries:
+            self.table.set_device(e, -1)
+        for e in removed:
+            self.table.remove(e)
+        return self._report("device", entries, removed)
+
+    def _evict_host(self, entries: list[PageEntry]) -> list:
+        if not entries:
+            return []
+        removed = [e for e in entries if e.device_page < 0]
+        self._release(entries, remove=False, host_only=True)
+        for e in removed:
+            self.table.remove(e)
+        return self._report("host", entries, removed)
+
+    def _release(self, entries: list[PageEntry], *, remove: bool, host_only: bool = False) -> None:
+        table = self.table
+        if not host_only:
+            dev = [e.device_page for e in entries if e.device_page >= 0]
+            self.device_pages.free(np.array(dev, dtype=np.int64))
+        host = [e.host_page for e in entries if e.host_page >= 0]
+        self.host_pages.free(np.array(host, dtype=np.int64))
+        for e in entries:
+            if not host_only:
+                table.set_device(e, -1)
+            table.set_host(e, -1)
+            if remove:
+                table.remove(e)
+
+    def _report(self, tier: str, entries: list[PageEntry], removed: list[PageEntry]) -> list:
+        ids = [e.page_id for e in entries]
+        log.debug("evicted %d pages from %s (%d gone)", len(ids), tier, len(removed))
+        if self.on_evict is not None:
+            self.on_evict(Eviction(tier, tuple(ids), tuple(e.page_id for e in removed)))
+        return ids
+
+    # -- internals: small helpers ---------------------------------------------------------------
+    def _to_device(self, slots: np.ndarray, stream) -> torch.Tensor:
+        """Slot indices where kernels read them: on the GPU, copied and allocated on
+        ``stream`` (the one that uses them first), so they are ready in its order."""
+        t = torch.from_numpy(slots)
+        if not self._cuda:
+            return t
+        with torch.cuda.stream(stream):
+            return t.to(self.device_pool.device, non_blocking=True)
+
+    def _event(self):
+        return self._events.pop() if self._events else self.device.event()
+
+    def _op_id(self) -> int:
+        self._next_op += 1
+        return self._next_op
+
+    def _entries(self, page_ids: Sequence[Hashable], *, distinct: bool = False) -> list[PageEntry]:
+        table = self.table.entries
+        try:
+            entries = [table[i] for i in page_ids]
+        except KeyError as exc:
+            raise KeyError(f"page_ids: {exc.args[0]!r} is not in the page table") from None
+        except TypeError as exc:
+            raise TypeError(f"page_ids: expected a sequence of hashable ids ({exc})") from None
+        if distinct and len(set(map(id, entries))) != len(entries):
+            raise ValueError("page_ids: expected distinct ids")
+        return entries
+
+    def _new_ids(self, page_ids: Sequence[Hashable], name: str) -> list:
+        ids = list(page_ids)
+        table = self.table.entries
+        for i in ids:
+            if i in table:
+                raise ValueError(f"{name}: {i!r} is already in the page table")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{name}: expected distinct ids")
+        return ids
+
+    def _pages(self, page_ids, attr: str) -> np.ndarray:
+        pages = [getattr(e, attr) for e in self._entries(page_ids)]
+        if any(p < 0 for p in pages):
+            bad = [i for i, p in zip(page_ids, pages) if p < 0]
+            raise ValueError(f"page_ids: {bad[:4]!r} have no {attr.split('_')[0]} copy")
+        return np.array(pages, dtype=np.int64)
+
+    def _refuse_load(self, entries: list[PageEntry]) -> None:
+        seen = set()
+        for e in entries:
+            if e.device_page >= 0 or e.host_page < 0 or e.fill is not None:
+                raise ValueError(f"page_ids: {e.page_id!r} cannot be loaded ({self._why_not(e)})")
+            if e.host_page in seen:
+                raise ValueError(f"page_ids: {e.page_id!r} appears twice")
+            seen.add(e.host_page)
+
+    @staticmethod
+    def _why_not(e: PageEntry) -> str:
+        if e.device_page >= 0:
+            return "already on the device" + (" (loading)" if e.load is not None else "")
+        if e.fill is not None:
+            return "still arriving from storage; wait for its prefetch ack"
+        return "no host copy"
+
+    @staticmethod
+    def _mark(op: str, tokens: int, layer: int | None = None):
+        if not _nvtx_enabled():
+            return _NULL
+        where = "" if layer is None else f" L{layer}"
+        return nvtx_range(f"hicache.{op}{where} n={tokens}")
+
+    def _log_startup(self, device_slots: int, host_slots: int) -> None:
+        dlay, cfg = self.device_pool.layout, self.config
+        sized = f"hicache_size={cfg.hicache_size} GB" if cfg.hicache_size is not None \
+            else f"hicache_ratio={cfg.hicache_ratio:g}"
+        log.info("HiCache device pool: %d tokens, %.3f GiB, %s %s, page size %d, on %s",
+                 device_slots, dlay.total_bytes / 2**30, dlay.kind.value,
+                 str(dlay.dtype).removeprefix("torch."), self.page_size, self.device_pool.device)
+        log.info("HiCache host pool: %s (%s)", self.host_pool.describe(), sized)
+        load, backup = self._load_transfers[0], self._backup_transfer
+        log.info("HiCache transfers: load %s (%s), backup %s (%s); write policy %s; "
+                 "streams on %s: load priority %s, backup priority %s",
+                 load.backend.name, load.reason, backup.backend.name, backup.reason,
+                 self.policy.value, self.device.name,
+                 getattr(self.load_stream, "priority", "?"), getattr(self.backup_stream, "priority", "?"))
