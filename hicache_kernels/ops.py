@@ -140,6 +140,12 @@ def execute(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Te
     with torch.cuda.stream(stream) if on_stream else contextlib.nullcontext():
         src_idx, dst_idx = _check_indices(plan, src_indices, dst_indices, kernel_device, check,
                                           index_names)
+    if on_stream:
+        # the caller may drop its index tensors right away: keep the allocator from
+        # handing their memory out again before the side stream has read them
+        for idx in (src_idx, dst_idx):
+            if idx.is_cuda:
+                idx.record_stream(stream)
     label = f"{plan.label} n={src_idx.numel()} {backend_module.name}" if nvtx_enabled() else ""
     with nvtx_range(label) if label else contextlib.nullcontext():
         backend_module.run(plan, src_idx, dst_idx, sm_budget=sm_budget, num_warps=num_warps,

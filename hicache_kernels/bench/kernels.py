@@ -33,7 +33,7 @@ from .timing import Clock, machine_info, median
 __all__ = ["Case", "KernelConfig", "run", "sweep", "issue3_suite", "overlap_medians"]
 
 OPS = ("load", "backup", "both")
-KERNEL_BACKENDS = ("cuda", "triton")   # the ones an SM budget applies to
+KERNEL_BACKENDS = ("cuda", "cuda_bulk", "triton")   # the ones an SM budget applies to
 CEILING_OF = {"load": "h2d", "backup": "d2h", "both": "both"}
 # A case whose runs would take longer than this gets fewer of them (slow baselines).
 CASE_SECONDS = 3.0
