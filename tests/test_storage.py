@@ -358,15 +358,15 @@ def test_missing_directory_is_reported_and_the_tier_serves_without_storage(tmp_p
     with pytest.raises(StorageUnavailable, match="cannot be created"):
         open_store(host, directory)
     with caplog.at_level(logging.ERROR, logger="hicache_kernels.storage"):
-        tier = StorageTier.open(host, {"directory": str(directory)})
+        tier = StorageTier({"directory": str(directory)})
+        tier.attach(host)
     assert not tier.enabled and str(directory) in tier.status() and str(directory) in caplog.text
     keys = keys_for(2, 4)
-    assert tier.lookup(keys) == 0
-    write = tier.write_back(keys, page_slots(0, 2, 4))
-    assert write.done() and write.stored == [False, False]
-    fetch = tier.prefetch(keys, page_slots(2, 2, 4))
+    assert tier.batch_exists(keys) == 0
+    assert tier.batch_set(keys, [0, 1]).poll() == [False, False]
+    fetch = tier.batch_get(keys, [2, 3])
     assert fetch.can_terminate() and fetch.terminate() == 0
-    tier.close()
+    tier.detach()
 
 
 def _make_unwritable(path) -> str:
