@@ -365,7 +365,11 @@ class HiCacheManager:
             self.host_pool.close(quiet=True)
             raise
         if storage is not None:
-            storage.attach(self.host_pool)
+            try:
+                storage.attach(self.host_pool)
+            except BaseException:
+                self.host_pool.close(quiet=True)
+                raise
         self._log_startup(device_pages * P, host_slots)
 
     def _setup(self, cfg: HiCacheConfig, device: Device, device_pages: int, host_slots: int) -> None:
