@@ -11,8 +11,6 @@ import logging
 import os
 import shutil
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
