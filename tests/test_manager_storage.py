@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 
@@ -392,3 +393,16 @@ def test_host_pages_argument_is_page_indices(tmp_path):
     assert op.wait(WAIT) and op.poll() == [True]
     assert torch.equal(pool_bytes(mgr.host, torch.arange(other * P, (other + 1) * P)), data)
     mgr.close()
+
+
+# -- the documentation's examples run as written -------------------------------------------------
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "storage.md")
+with open(DOC) as _f:
+    DOC_BLOCKS = re.findall(r"```python\n(.*?)```", _f.read(), flags=re.S)
+
+
+@pytest.mark.parametrize("code", [b for b in DOC_BLOCKS if "PeerPageServer" not in b],
+                         ids=lambda c: c.splitlines()[0][:40])
+def test_docs_storage_examples_run(code):
+    exec(compile(code, DOC, "exec"), {"__name__": "docs_example"})
