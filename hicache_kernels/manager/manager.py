@@ -309,7 +309,9 @@ class HiCacheManager:
             synchronous :class:`EmulatedDevice`).
         compute_stream: the stream the model runs on (default: the current
             stream at each call).
-        storage: an optional lower tier (:mod:`.storage`'s protocol).
+        storage: an optional lower tier (:mod:`.storage`'s protocol), e.g.
+            :class:`hicache_kernels.storage.StorageTier` (files through NIXL);
+            page ids are then its keys (``hicache_kernels.storage.page_keys``).
         on_evict: called with an :class:`Eviction` after every eviction, so the
             caller's tree stays in step.
 
@@ -637,8 +639,10 @@ class HiCacheManager:
 
     def prefetch(self, page_ids: Sequence[Hashable]) -> tuple:
         """Fetch the stored prefix of ``page_ids`` (those not in the table) from
-        storage into host pages. Returns the ids being fetched; a ``"prefetch"``
-        :class:`Ack` reports them (and any that failed) when they are on host."""
+        storage into host pages. Returns the ids being fetched (empty when
+        storage holds none or the host pool has no room); they show as
+        ``HOST | FETCHING`` until :meth:`check_prefetch` or :meth:`poll` settles
+        them, and a ``"prefetch"`` :class:`Ack` reports them (and any that failed)."""
         if self.storage is None:
             raise RuntimeError("prefetch: the manager has no storage tier")
         table = self.table.entries
