@@ -406,3 +406,27 @@ with open(DOC) as _f:
                          ids=lambda c: c.splitlines()[0][:40])
 def test_docs_storage_examples_run(code):
     exec(compile(code, DOC, "exec"), {"__name__": "docs_example"})
+
+
+def test_a_read_without_a_policy_must_finish(tmp_path):
+    """Storage ops without can_terminate (InMemoryStorage) count as wait_complete."""
+    from hicache_kernels.manager import HiCacheManager, InMemoryStorage
+    from hicache_kernels.layouts import KVLayout
+
+    store = InMemoryStorage(defer=True)
+    lay = KVLayout("layer_first", num_layers=2, num_slots=4 * P, head_num=2, head_dim=8,
+                   dtype=torch.bfloat16, page_size=P)
+    mgr = HiCacheManager(KVBuffer.allocate(lay), storage=store, backend="reference",
+                         host_reserve_gb=0)
+    data = write_device_pages(mgr, ["a"], seed=19)
+    mgr.hit(["a"])
+    mgr.poll()
+    store.complete()
+    mgr.poll()
+    mgr.free(["a"])
+    got = mgr.prefetch(["a"])
+    assert got == ("a",) and not mgr.check_prefetch(got)
+    store.complete()
+    assert mgr.check_prefetch(got) and mgr.lookup(["a"]) == [HOST]
+    assert torch.equal(loaded_bytes(mgr, ["a"]), data)
+    mgr.close()
