@@ -430,3 +430,36 @@ def test_a_read_without_a_policy_must_finish(tmp_path):
     assert mgr.check_prefetch(got) and mgr.lookup(["a"]) == [HOST]
     assert torch.equal(loaded_bytes(mgr, ["a"]), data)
     mgr.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("host_layout", ["layer_first", "page_first_direct"])
+def test_round_trip_with_a_cuda_device_pool(tmp_path, host_layout):
+    """Real streams and a pinned host pool that NIXL registers too: a page backed up
+    by a kernel is written to files only after the backup completed, and a page
+    read from files is loaded only after it arrived."""
+    from hicache_kernels.layouts import KVLayout
+    from hicache_kernels.manager import HiCacheManager
+    from hicache_kernels.storage import StorageTier
+
+    lay = KVLayout("layer_first", num_layers=3, num_slots=4 * P, head_num=2, head_dim=8,
+                   dtype=torch.bfloat16, page_size=P)
+    pool = KVBuffer.allocate(lay, device="cuda")
+    tier = StorageTier({"directory": str(tmp_path), "prefetch_policy": "wait_complete"})
+    mgr = HiCacheManager(pool, storage=tier, host_layout=host_layout, host_reserve_gb=0)
+    assert mgr.host_pool.pinned and tier.enabled
+    keys = keys_for(3, P, seed=20)
+    slots = mgr.alloc_device(keys)
+    data = torch.randint(0, 256, pool_bytes(pool, slots).shape, dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(20)).cuda()
+    write_pool(pool, slots, data)             # on the compute (current) stream
+    mgr.hit(keys)
+    mgr.synchronize(storage=True)
+    assert [(a.kind, a.failed) for a in mgr.poll()] == [("backup", ()), ("store", ())]
+    mgr.evict_device(keys)
+    assert sorted(mgr.evict_host(3)) == sorted(keys)
+    wait_prefetch(mgr, mgr.prefetch(keys))
+    handle = mgr.load(keys)
+    handle.wait_all()                         # the current stream waits for the last layer
+    assert torch.equal(pool_bytes(pool, handle.device_indices), data)
+    mgr.close()
