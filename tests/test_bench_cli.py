@@ -152,9 +152,11 @@ def test_e2e_storage_nixl_shows_the_third_tier(tmp_path, capsys):
 
 
 def test_e2e_storage_temporary_directory_is_removed(monkeypatch, tmp_path):
+    import tempfile
+
     made = []
-    real = e2e.tempfile.mkdtemp
-    monkeypatch.setattr(e2e.tempfile, "mkdtemp", lambda **kw: made.append(real(dir=tmp_path, **kw)) or made[-1])
+    monkeypatch.setattr(e2e, "tempfile", types.SimpleNamespace(
+        mkdtemp=lambda **kw: made.append(tempfile.mkdtemp(dir=tmp_path, **kw)) or made[-1]))
     cfg = e2e.quick_config(TINY, gpu=False)
     cfg.workload.clients, cfg.workload.rounds = 2, 2
     cfg.storage = "nixl"
