@@ -147,7 +147,7 @@ def test_e2e_storage_nixl_shows_the_third_tier(tmp_path, capsys):
         tier["device_hit_tokens"] + tier["host_hit_tokens"] + tier["storage_hit_tokens"]
     cache = tier["cache"]
     assert cache["storage_bytes_read"] > 0 and cache["storage_bytes_written"] > 0
-    assert cache["storage_corrupt_pages"] == 0 and cache["storage_write_failed_pages"] == 0
+    assert cache["storage_corrupt_pages"] == 0 and cache["storage_store_failed_pages"] == 0
     assert any(f.endswith(".kvpage") for _, _, files in os.walk(kept) for f in files)
 
 

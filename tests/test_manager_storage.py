@@ -149,7 +149,7 @@ def test_a_page_already_stored_is_not_written_again(tmp_path):
     mgr.free(keys)
     stored(mgr, keys, seed=2)
     stats = mgr.stats()
-    assert stats["storage_write_stored_pages"] == 2 and stats["storage_write_existing_pages"] == 2
+    assert stats["storage_store_written_pages"] == 2 and stats["storage_store_existing_pages"] == 2
     mgr.close()
 
 
@@ -252,7 +252,7 @@ def test_a_missing_directory_disables_storage_and_the_cache_serves(tmp_path, cap
     mgr.evict_device(keys)
     assert torch.equal(loaded_bytes(mgr, keys), data)
     assert mgr.prefetch(keys_for(2, P, seed=8)) == ()
-    assert mgr.stats()["storage_write_dropped_pages"] == 2
+    assert mgr.stats()["storage_store_dropped_pages"] == 2
     mgr.close()
 
 
@@ -276,7 +276,7 @@ def test_a_read_only_directory_serves_stored_pages_and_the_cache_serves(tmp_path
         assert torch.equal(loaded_bytes(mgr, new), data), "host copies still serve"
         wait_prefetch(mgr, mgr.prefetch(old))
         assert torch.equal(loaded_bytes(mgr, old), old_data), "stored pages still serve"
-        assert mgr.stats()["storage_write_failed_pages"] == 2
+        assert mgr.stats()["storage_store_failed_pages"] == 2
         mgr.close()
     finally:
         undo_unwritable(root, how)

@@ -58,9 +58,9 @@ def test_write_back_lookup_prefetch_round_trip(tmp_path):
     assert same_pages(src, 1, dst, 3, 5)
 
     w, r = writer.stats(), reader.stats()
-    assert w["write_stored_pages"] == 5 and w["write_existing_pages"] == 3
+    assert w["store_written_pages"] == 5 and w["store_existing_pages"] == 3
     assert w["bytes_written"] == 5 * writer.store.page_bytes and w["write_seconds"] > 0
-    assert w["write_back_seconds"] >= w["write_seconds"]
+    assert w["store_seconds"] >= w["write_seconds"]
     assert r["lookup_hit_pages"] == 5 and r["lookup_pages"] == 6
     assert r["prefetch_loaded_pages"] == 5 and r["bytes_read"] == 5 * reader.store.page_bytes
     writer.detach()
@@ -282,7 +282,7 @@ def test_storage_errors_never_reach_the_caller(caplog):
     assert w.poll() == [False] * 4 and f.terminate() == 0
     assert "lookup failed" in caplog.text and "write failed" in caplog.text
     stats = tier.stats()
-    assert stats["write_failed_pages"] == 4 and stats["prefetch_loaded_pages"] == 0
+    assert stats["store_failed_pages"] == 4 and stats["prefetch_loaded_pages"] == 0
     tier.detach()
 
 
@@ -292,11 +292,11 @@ def test_write_queue_is_bounded():
     first = tier.batch_set(keys_for(4, 4), pages(0, 4))
     dropped = tier.batch_set(keys_for(2, 4, seed=3), pages(4, 2))
     assert dropped.poll() == [False, False]
-    assert tier.stats()["write_dropped_pages"] == 2
+    assert tier.stats()["store_dropped_pages"] == 2
     assert first.poll() is None
     store.release(2)
     assert tier.flush(WAIT) and first.poll() == [True] * 4
-    assert tier.stats()["pending_write_pages"] == 0
+    assert tier.stats()["store_pending_pages"] == 0
     tier.detach()
     assert store.closed
 

@@ -193,8 +193,8 @@ class StorageTier:
         self._stats = Counters(
             lookups=0, lookup_pages=0, lookup_hit_pages=0,
             prefetches=0, prefetch_pages=0, prefetch_loaded_pages=0, prefetch_seconds=0.0,
-            write_backs=0, write_pages=0, write_existing_pages=0, write_stored_pages=0,
-            write_failed_pages=0, write_dropped_pages=0, write_back_seconds=0.0,
+            stores=0, store_pages=0, store_existing_pages=0, store_written_pages=0,
+            store_failed_pages=0, store_dropped_pages=0, store_seconds=0.0,
         )
         self._io_before: dict = {}      # counters of stores already detached
         self._pending_write_pages = 0
@@ -270,7 +270,7 @@ class StorageTier:
         and seconds of storage I/O, corrupt pages and errors."""
         out = self._stats.snapshot()
         with self._lock:
-            out["pending_write_pages"] = self._pending_write_pages
+            out["store_pending_pages"] = self._pending_write_pages
         io = dict(self._io_before)
         store = self.store
         if store is not None:
@@ -301,7 +301,7 @@ class StorageTier:
         host tier still has them) rather than blocking the caller."""
         op = WriteOp(*self._check(keys, host_pages))
         n = op.num_pages
-        self._stats.add(write_backs=1, write_pages=n)
+        self._stats.add(stores=1, store_pages=n)
         with self._lock:
             accept = (self.store is not None and n
                       and self._pending_write_pages + n <= self.config.max_pending_writes)
@@ -311,7 +311,7 @@ class StorageTier:
         if not accept:
             if n and self.store is not None:
                 log.debug("storage: write queue full; %d pages stay in the host tier only", n)
-            self._stats.add(write_dropped_pages=n)
+            self._stats.add(store_dropped_pages=n)
             op._finish()
         return op
 
@@ -350,7 +350,7 @@ class StorageTier:
             try:
                 existing = store.batch_exists(op.keys)
                 op.stored[:existing] = [True] * existing
-                self._stats.add(write_existing_pages=existing)
+                self._stats.add(store_existing_pages=existing)
                 for lo in range(existing, op.num_pages, batch):
                     hi = min(lo + batch, op.num_pages)
                     ok = store.batch_set(op.keys[lo:hi], op.slots[lo * page:hi * page])
@@ -359,8 +359,8 @@ class StorageTier:
             except Exception:
                 log.exception("storage: write failed; the pages stay in the host tier only")
             failed = op.num_pages - sum(op.stored)
-            self._stats.add(write_stored_pages=stored, write_failed_pages=failed,
-                            write_back_seconds=time.perf_counter() - start)
+            self._stats.add(store_written_pages=stored, store_failed_pages=failed,
+                            store_seconds=time.perf_counter() - start)
             op._finish()
             with self._idle:
                 self._pending_write_pages -= op.num_pages
