@@ -13,8 +13,8 @@ file that knows the manager's API.
 
 Written against the manager's API as drafted for issue 4 (``lookup``, ``pin``,
 ``unpin``, ``load`` -> handle with ``wait(layer)``, ``alloc_device``,
-``device_indices``, ``free``, ``hit``, ``poll``, ``stats``, ``close``). If it
-changes, change this file only.
+``device_indices``, ``free``, ``hit``, ``poll``, ``stats``, ``close``; with
+storage, ``prefetch`` and ``check_prefetch``). If it changes, change this file only.
 """
 
 from __future__ import annotations
