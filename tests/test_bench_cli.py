@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import types
 
@@ -124,6 +125,47 @@ def test_e2e_quick_writes_table_and_json(tmp_path, capsys):
         assert "ratio" in doc
     else:
         assert any("not run" in n for n in doc["notes"])
+
+
+@pytest.mark.skipif(e2e.HiCacheTier.unavailable() is not None,
+                    reason="the manager (issue 4) is not in this build yet")
+def test_e2e_storage_nixl_shows_the_third_tier(tmp_path, capsys):
+    """A host pool as small as the device pool: histories come back from files."""
+    kept = tmp_path / "kv"
+    code, out = run_cli(["e2e", "--quick", "--storage-dir", str(kept), "--host-ratio", "1",
+                         "--out", str(tmp_path), "--no-progress"], capsys)
+    assert code == 0, out
+    assert "storage hit rate %" in out and "tokens fetched from storage" in out
+    doc = json.loads((tmp_path / "e2e.json").read_text())
+    assert "storage tier: NIXL POSIX store at " + str(kept) in doc["caches"]["with HiCache"]
+    assert doc["pools"]["storage"] == "nixl" and doc["pools"]["prefetch_policy"] == "wait_complete"
+    base, tier = doc["runs"]["without HiCache"], doc["runs"]["with HiCache"]
+    assert base["storage_hit_rate_pct"] == 0
+    assert tier["storage_hit_rate_pct"] > 0 and tier["storage_tokens_fetched"] > 0
+    assert tier["verify_failures"] == 0, "pages fetched from files are checked by bytes"
+    assert tier["prefill_tokens_avoided"] == \
+        tier["device_hit_tokens"] + tier["host_hit_tokens"] + tier["storage_hit_tokens"]
+    cache = tier["cache"]
+    assert cache["storage_bytes_read"] > 0 and cache["storage_bytes_written"] > 0
+    assert cache["storage_corrupt_pages"] == 0 and cache["storage_store_failed_pages"] == 0
+    assert any(f.endswith(".kvpage") for _, _, files in os.walk(kept) for f in files)
+
+
+def test_e2e_storage_temporary_directory_is_removed(monkeypatch, tmp_path):
+    import tempfile
+
+    made = []
+    monkeypatch.setattr(e2e, "tempfile", types.SimpleNamespace(
+        mkdtemp=lambda **kw: made.append(tempfile.mkdtemp(dir=tmp_path, **kw)) or made[-1]))
+    cfg = e2e.quick_config(TINY, gpu=False)
+    cfg.workload.clients, cfg.workload.rounds = 2, 2
+    cfg.storage = "nixl"
+    doc = e2e.run(cfg, CPU)
+    assert doc["pools"]["storage_dir"] is None and len(made) == 1 and not os.path.exists(made[0])
+    other = e2e.quick_config(TINY, gpu=False)
+    other.storage, other.workload.seed = "nixl", 1
+    a, b = e2e.storage_config(cfg, CPU), e2e.storage_config(other, CPU)
+    assert a["namespace"] != b["namespace"], "runs with other KV content share no pages"
 
 
 def test_suite_needs_a_gpu(capsys):
@@ -266,7 +308,7 @@ def test_device_cache_evicts_tails_first_and_never_pinned_pages():
     cache.acquire(b, 0, 0)                                 # pinned while in use
     c = [("c", i) for i in range(2)]
     slots_c, _ = cache.acquire(c, 0, 0)                    # evicts a's tail, not b
-    assert cache.match(a) == (2, 0)
+    assert cache.match(a)[:2] == (2, 0)
     assert not set(slots_c.tolist()) & set(cache.acquire(a[:2], 2, 0)[0].tolist())
     with pytest.raises(RuntimeError, match="pinned"):
         cache.acquire([("d", i) for i in range(3)], 0, 0)
@@ -311,8 +353,8 @@ def test_hicache_tier_loads_evicted_history_bytes_intact():
             ids = [(name, i) for i in range(3)]
             s, _ = tier.acquire(ids, 0, 0)
             tier.release(ids, keep=3)
-        on_device, on_host = tier.match(a)
-        assert on_host > 0
+        on_device, on_host, from_storage, _ = tier.match(a)
+        assert on_host > 0 and from_storage == 0
         slots, handle = tier.acquire(a, on_device, on_host)
         assert handle is not None
         handle.synchronize()

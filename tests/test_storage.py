@@ -11,8 +11,6 @@ import logging
 import os
 import shutil
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,12 +21,11 @@ from hicache_kernels.layouts import layer_view
 from hicache_kernels.storage import StorageConfig, StorageTier, StorageUnavailable, hash_page, page_keys
 from hicache_kernels.storage.nixl_store import NixlFileStore, import_nixl
 from hicache_kernels.storage.pages import HEADER_BYTES, PageGeometry
-from storage_helpers import (POISON, keys_for, make_layout, page_slots, poisoned_host,
-                             random_host, slot_bytes)
+from storage_helpers import (POISON, keys_for, make_layout, make_unwritable, page_slots,
+                             poisoned_host, random_host, run_helper, slot_bytes, undo_unwritable)
 
 import_nixl()  # these tests need NIXL: an ImportError here fails them, never skips
 
-HELPER = os.path.join(os.path.dirname(__file__), "storage_helpers.py")
 KINDS = ["layer_first", "page_first", "page_first_direct", "page_head"]
 
 
@@ -50,13 +47,6 @@ def assert_poisoned(host, first_page, n_pages):
     p = host.layout.page_size
     for s in range(first_page * p, (first_page + n_pages) * p):
         assert bool((slot_bytes(host, s) == POISON).all()), f"slot {s} was written"
-
-
-def run_helper(mode: str, **args) -> dict:
-    out = subprocess.run([sys.executable, HELPER, mode, json.dumps(args)], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, f"{mode} process failed:\n{out.stdout}\n{out.stderr}"
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # -- keys ------------------------------------------------------------------------
@@ -358,44 +348,21 @@ def test_missing_directory_is_reported_and_the_tier_serves_without_storage(tmp_p
     with pytest.raises(StorageUnavailable, match="cannot be created"):
         open_store(host, directory)
     with caplog.at_level(logging.ERROR, logger="hicache_kernels.storage"):
-        tier = StorageTier.open(host, {"directory": str(directory)})
+        tier = StorageTier({"directory": str(directory)})
+        tier.attach(host)
     assert not tier.enabled and str(directory) in tier.status() and str(directory) in caplog.text
     keys = keys_for(2, 4)
-    assert tier.lookup(keys) == 0
-    write = tier.write_back(keys, page_slots(0, 2, 4))
-    assert write.done() and write.stored == [False, False]
-    fetch = tier.prefetch(keys, page_slots(2, 2, 4))
+    assert tier.batch_exists(keys) == 0
+    assert tier.batch_set(keys, [0, 1]).poll() == [False, False]
+    fetch = tier.batch_get(keys, [2, 3])
     assert fetch.can_terminate() and fetch.terminate() == 0
-    tier.close()
-
-
-def _make_unwritable(path) -> str:
-    """Make ``path`` refuse new files, also for root: chmod, else chattr +i."""
-    os.chmod(path, 0o555)
-    if not _can_create(path):
-        return "chmod"
-    os.chmod(path, 0o755)
-    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
-        if not _can_create(path):
-            return "chattr"
-        subprocess.run(["chattr", "-i", str(path)])
-    pytest.skip("cannot make a directory read-only here (root without chattr +i)")
-
-
-def _can_create(path) -> bool:
-    probe = os.path.join(path, ".can-create")
-    try:
-        open(probe, "w").close()
-    except OSError:
-        return False
-    os.unlink(probe)
-    return True
+    tier.detach()
 
 
 def test_read_only_directory_serves_reads_and_refuses_writes(tmp_path, caplog):
     layout, src, keys, store = _written(tmp_path, n=2)
     root = store.root
-    how = _make_unwritable(root)
+    how = make_unwritable(root)
     try:
         with caplog.at_level(logging.ERROR, logger="hicache_kernels.storage"):
             ro = open_store(poisoned_host(layout), tmp_path)
@@ -408,9 +375,7 @@ def test_read_only_directory_serves_reads_and_refuses_writes(tmp_path, caplog):
         assert not store.writable
         assert store.batch_exists(more) == 0
     finally:
-        if how == "chattr":
-            subprocess.run(["chattr", "-i", root])
-        os.chmod(root, 0o755)
+        undo_unwritable(root, how)
 
 
 @pytest.mark.parametrize("fills_up_in", ["header", "payload"])

@@ -41,12 +41,14 @@ def test_pages_written_by_one_host_are_read_by_another(server):
     assert reader.io_stats()["bytes_read"] == 4 * reader.page_bytes
     # the same through the tier a manager drives
     third = poisoned_host(LAYOUT)
-    tier = StorageTier(PeerPageStore(third, server.metadata()), {"batch_pages": 3})
-    assert tier.lookup(keys) == 4
-    h = tier.prefetch(keys, page_slots(0, 4, 4), policy="wait_complete")
+    tier = StorageTier({"batch_pages": 3, "prefetch_policy": "wait_complete"},
+                       open_store=lambda host, cfg: PeerPageStore(host, server.metadata()))
+    tier.attach(third)
+    assert tier.batch_exists(keys) == 4
+    h = tier.batch_get(keys, [0, 1, 2, 3])
     assert h.wait(30) and h.terminate() == 4
     assert same_pages(src, 2, third, 0, 4)
-    tier.close()
+    tier.detach()
     writer.close()
     reader.close()
 

@@ -1,5 +1,6 @@
-"""The storage tier a manager drives: write-back and prefetch on worker threads,
-prefetch policies, counters, and storage trouble that never reaches the caller.
+"""The storage tier a manager drives (the manager's storage protocol): writes and
+prefetches on worker threads, prefetch policies, counters, and storage trouble
+that never reaches the caller.
 
 Round trips and the concurrency test use the real NIXL store; the policy
 tests use a gated store double so that "a batch is in flight" is exact, not
@@ -11,20 +12,26 @@ import logging
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from hicache_kernels.storage import StorageTier
+from hicache_kernels.storage import StorageTier, StorageUnavailable
 from hicache_kernels.storage.nixl_store import NixlFileStore
-from storage_helpers import keys_for, make_layout, page_slots, poisoned_host, random_host, slot_bytes
+from storage_helpers import keys_for, make_layout, poisoned_host, random_host, slot_bytes
 
 WAIT = 30  # seconds; only reached when something is broken
 
 
 def nixl_tier(host, directory, **config) -> StorageTier:
-    tier = StorageTier.open(host, {"directory": str(directory), **config})
+    tier = StorageTier({"directory": str(directory), **config})
+    tier.attach(host)
     assert tier.enabled, tier.status()
     return tier
+
+
+def pages(first, n):
+    return np.arange(first, first + n)
 
 
 def same_pages(src, src_page, dst, dst_page, n):
@@ -37,27 +44,29 @@ def test_write_back_lookup_prefetch_round_trip(tmp_path):
     layout = make_layout("page_first_direct", dtype=torch.float8_e4m3fn, pages=8)
     src, dst = random_host(layout, seed=5), poisoned_host(layout)
     keys = keys_for(5, 4)
-    done = []
     writer = nixl_tier(src, tmp_path, batch_pages=2)
-    handle = writer.write_back(keys, page_slots(1, 5, 4), on_done=done.append)
-    assert handle.wait(WAIT) and handle.stored == [True] * 5 and done == [handle]
-    again = writer.write_back(keys[:3], page_slots(1, 3, 4))
-    assert again.wait(WAIT) and again.stored == [True] * 3
+    op = writer.batch_set(keys, pages(1, 5))
+    assert op.wait(WAIT) and op.poll() == [True] * 5
+    again = writer.batch_set(keys[:3], pages(1, 3))
+    assert again.wait(WAIT) and again.poll() == [True] * 3
 
-    reader = nixl_tier(dst, tmp_path, batch_pages=2)
-    assert reader.lookup(keys + keys_for(1, 4, seed=99)) == 5
-    fetch = reader.prefetch(keys, page_slots(3, 5, 4), policy="wait_complete")
-    assert fetch.wait(WAIT) and fetch.can_terminate() and fetch.terminate() == 5
+    reader = nixl_tier(dst, tmp_path, batch_pages=2, prefetch_policy="wait_complete")
+    assert reader.batch_exists(keys + keys_for(1, 4, seed=99)) == 5
+    fetch = reader.batch_get(keys, pages(3, 5))
+    assert fetch.wait(WAIT) and fetch.can_terminate() and fetch.poll() == [True] * 5
+    assert fetch.terminate() == 5
     assert same_pages(src, 1, dst, 3, 5)
 
     w, r = writer.stats(), reader.stats()
-    assert w["write_stored_pages"] == 5 and w["write_existing_pages"] == 3
+    assert w["store_written_pages"] == 5 and w["store_existing_pages"] == 3
     assert w["bytes_written"] == 5 * writer.store.page_bytes and w["write_seconds"] > 0
-    assert w["write_back_seconds"] >= w["write_seconds"]
+    assert w["store_seconds"] >= w["write_seconds"]
     assert r["lookup_hit_pages"] == 5 and r["lookup_pages"] == 6
     assert r["prefetch_loaded_pages"] == 5 and r["bytes_read"] == 5 * reader.store.page_bytes
-    writer.close()
-    reader.close()
+    writer.detach()
+    reader.detach()
+    assert writer.batch_exists(keys) == 0 and "detached" in writer.status()
+    assert writer.stats()["bytes_written"] == w["bytes_written"], "counters outlive detach"
 
 
 def test_prefetch_and_write_back_at_once(tmp_path):
@@ -67,28 +76,28 @@ def test_prefetch_and_write_back_at_once(tmp_path):
     stored_keys = keys_for(16, 4, seed=1)
     seed_host = random_host(layout, seed=10)
     seeder = nixl_tier(seed_host, tmp_path)
-    assert seeder.write_back(stored_keys, page_slots(0, 16, 4)).wait(WAIT)
-    seeder.close()
+    assert seeder.batch_set(stored_keys, pages(0, 16)).wait(WAIT)
+    seeder.detach()
 
     # Pages 24.. hold other random bytes: equal bytes afterwards mean they arrived.
     host = random_host(layout, seed=11)
-    tier = nixl_tier(host, tmp_path, batch_pages=2)
+    tier = nixl_tier(host, tmp_path, batch_pages=2, prefetch_policy="wait_complete")
     new_keys = keys_for(16, 4, seed=2)
     results = {}
 
     def write():
-        results["write"] = tier.write_back(new_keys, page_slots(0, 16, 4))
+        results["write"] = tier.batch_set(new_keys, pages(0, 16))
 
     def fetch():
-        results["fetch"] = [tier.prefetch(stored_keys[:8], page_slots(24, 8, 4), policy="wait_complete"),
-                            tier.prefetch(stored_keys[8:], page_slots(40, 8, 4), policy="wait_complete")]
+        results["fetch"] = [tier.batch_get(stored_keys[:8], pages(24, 8)),
+                            tier.batch_get(stored_keys[8:], pages(40, 8))]
 
     threads = [threading.Thread(target=write), threading.Thread(target=fetch)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results["write"].wait(WAIT) and results["write"].stored == [True] * 16
+    assert results["write"].wait(WAIT) and results["write"].poll() == [True] * 16
     first, second = results["fetch"]
     assert first.wait(WAIT) and second.wait(WAIT)
     assert first.terminate() == 8 and second.terminate() == 8
@@ -96,9 +105,9 @@ def test_prefetch_and_write_back_at_once(tmp_path):
 
     check = poisoned_host(layout)
     reader = NixlFileStore(check, {"directory": str(tmp_path)})
-    assert reader.batch_get(new_keys, page_slots(0, 16, 4)) == [True] * 16
+    assert reader.batch_get(new_keys, torch.arange(16 * 4)) == [True] * 16
     assert same_pages(host, 0, check, 0, 16)
-    tier.close()
+    tier.detach()
 
 
 # -- policies, on a store whose batches open only when the test says so -----------------
@@ -162,11 +171,9 @@ class GatedStore:
 
 
 def gated_tier(store, **config):
-    return StorageTier(store, {"batch_pages": 2, **config})
-
-
-def slots(n):
-    return torch.arange(n * 4)
+    tier = StorageTier({"batch_pages": 2, **config}, open_store=lambda host, cfg: store)
+    tier.attach(random_host(make_layout()))
+    return tier
 
 
 def wait_batches(store, n):
@@ -176,46 +183,39 @@ def wait_batches(store, n):
 
 def test_best_effort_terminates_at_once_with_what_has_arrived():
     store = GatedStore()
-    tier = gated_tier(store)
-    h = tier.prefetch(keys_for(6, 4), slots(6), policy="best_effort")
+    tier = gated_tier(store, prefetch_policy="best_effort")
+    h = tier.batch_get(keys_for(6, 4), pages(0, 6))
     assert h.can_terminate()
     wait_batches(store, 1)
     store.release()
     wait_batches(store, 1)                    # batch 2 is in flight now
     assert h.completed_pages == 2 and h.can_terminate()
-    result = []
-    stopper = threading.Thread(target=lambda: result.append(h.terminate()))
-    stopper.start()
-    stopper.join(0.2)
-    assert stopper.is_alive(), "terminate must wait for the batch writing into the slots"
+    assert h.terminate() == 2, "terminate returns at once, without the batch in flight"
+    assert h.poll() is None, "the batch in flight still writes into the host pages"
     store.release()
-    stopper.join(WAIT)
-    assert result == [4] and h.wait(WAIT)
+    assert h.wait(WAIT) and h.poll() == [True] * 2 + [False] * 4
     assert [op for op, _ in store.calls] == ["get", "get"], "no batch may start after terminate"
-    assert h.terminate() == 4
-    tier.close()
+    assert h.terminate() == 2 and tier.stats()["prefetch_loaded_pages"] == 2
+    tier.detach()
 
 
 def test_wait_complete_waits_for_every_page():
     store = GatedStore()
-    tier = gated_tier(store)
-    done = []
-    h = tier.prefetch(keys_for(5, 4), slots(5), policy="wait_complete", on_done=done.append)
-    for _ in range(2):
+    tier = gated_tier(store, prefetch_policy="wait_complete")
+    h = tier.batch_get(keys_for(5, 4), pages(0, 5))
+    for _ in range(3):
         wait_batches(store, 1)
-        assert not h.can_terminate()
+        assert not h.can_terminate() and h.poll() is None
         store.release()
-    wait_batches(store, 1)
-    assert not h.can_terminate()
-    store.release()
-    assert h.wait(WAIT) and h.can_terminate() and h.terminate() == 5 and done == [h]
-    tier.close()
+    assert h.wait(WAIT) and h.can_terminate() and h.terminate() == 5 and h.poll() == [True] * 5
+    tier.detach()
 
 
 def test_timeout_policy_gives_up_after_the_linear_timeout():
     store = GatedStore()
-    tier = gated_tier(store, prefetch_timeout_base=0.3, prefetch_timeout_per_ki_token=0.0)
-    h = tier.prefetch(keys_for(4, 4), slots(4), policy="timeout")
+    tier = gated_tier(store, prefetch_policy="timeout", prefetch_timeout_base=0.3,
+                      prefetch_timeout_per_ki_token=0.0)
+    h = tier.batch_get(keys_for(4, 4), pages(0, 4))
     assert h.timeout_s == pytest.approx(0.3)
     wait_batches(store, 1)
     assert not h.can_terminate()
@@ -225,10 +225,23 @@ def test_timeout_policy_gives_up_after_the_linear_timeout():
     while not h.can_terminate():
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert not h.finished() and time.monotonic() - h.start_time >= 0.3
-    threading.Timer(0.05, store.release).start()
-    assert h.terminate() == 4
-    tier.close()
+    assert h.poll() is None and time.monotonic() - h.start_time >= 0.3
+    assert h.terminate() == 2
+    store.release()
+    assert h.wait(WAIT) and h.poll() == [True, True, False, False]
+    tier.detach()
+
+
+def test_timeout_grows_with_the_tokens():
+    store = GatedStore()
+    tier = gated_tier(store, prefetch_policy="timeout", prefetch_timeout_base=1.0,
+                      prefetch_timeout_per_ki_token=2.0, prefetch_timeout_max=1.5)
+    h = tier.batch_get(keys_for(16, 4), pages(0, 16))        # 64 tokens
+    assert h.timeout_s == pytest.approx(1.0 + 2.0 * 64 / 1024)
+    h.terminate()
+    store.release(1)
+    assert h.wait(WAIT)
+    tier.detach()
 
 
 def test_prefetch_stops_at_the_first_miss():
@@ -236,24 +249,24 @@ def test_prefetch_stops_at_the_first_miss():
     store = GatedStore(misses={keys[3]})
     tier = gated_tier(store)
     store.release(6)
-    h = tier.prefetch(keys, slots(6), policy="wait_complete")
-    assert h.wait(WAIT) and h.terminate() == 3
+    h = tier.batch_get(keys, pages(0, 6))
+    assert h.wait(WAIT) and h.terminate() == 3 and h.poll() == [True] * 3 + [False] * 3
     assert [len(k) for _, k in store.calls] == [2, 2]
     assert tier.stats()["prefetch_loaded_pages"] == 3
-    tier.close()
+    tier.detach()
 
 
 def test_terminate_before_start_touches_nothing():
     store = GatedStore()
     tier = gated_tier(store)
-    blocker = tier.prefetch(keys_for(2, 4, seed=1), slots(2))
+    blocker = tier.batch_get(keys_for(2, 4, seed=1), pages(0, 2))
     wait_batches(store, 1)                     # the prefetch thread is busy
-    queued = tier.prefetch(keys_for(2, 4, seed=2), slots(2))
+    queued = tier.batch_get(keys_for(2, 4, seed=2), pages(2, 2))
     assert queued.terminate() == 0
     store.release()
-    assert blocker.wait(WAIT) and queued.wait(WAIT)
+    assert blocker.wait(WAIT) and queued.wait(WAIT) and queued.poll() == [False, False]
     assert len(store.calls) == 1
-    tier.close()
+    tier.detach()
 
 
 def test_storage_errors_never_reach_the_caller(caplog):
@@ -262,59 +275,59 @@ def test_storage_errors_never_reach_the_caller(caplog):
     keys = keys_for(4, 4)
     store.release(10)
     with caplog.at_level(logging.ERROR, logger="hicache_kernels.storage"):
-        assert tier.lookup(keys) == 0
-        w = tier.write_back(keys, slots(4))
-        f = tier.prefetch(keys, slots(4))
+        assert tier.batch_exists(keys) == 0
+        w = tier.batch_set(keys, pages(0, 4))
+        f = tier.batch_get(keys, pages(0, 4))
         assert w.wait(WAIT) and f.wait(WAIT)
-    assert w.stored == [False] * 4 and f.terminate() == 0
-    assert "lookup failed" in caplog.text and "write-back failed" in caplog.text
+    assert w.poll() == [False] * 4 and f.terminate() == 0
+    assert "lookup failed" in caplog.text and "write failed" in caplog.text
     stats = tier.stats()
-    assert stats["write_failed_pages"] == 4 and stats["prefetch_loaded_pages"] == 0
-    tier.close()
+    assert stats["store_failed_pages"] == 4 and stats["prefetch_loaded_pages"] == 0
+    tier.detach()
 
 
-def test_callback_errors_are_logged_not_raised(caplog):
-    store = GatedStore()
-    tier = gated_tier(store)
-    store.release(10)
-
-    def bad(_):
-        raise RuntimeError("manager bug")
-
-    with caplog.at_level(logging.ERROR, logger="hicache_kernels.storage"):
-        h = tier.write_back(keys_for(1, 4), slots(1), on_done=bad)
-        assert h.wait(WAIT)
-        tier.flush(WAIT)
-    assert "callback" in caplog.text
-    later = tier.write_back(keys_for(1, 4, seed=3), slots(1))
-    assert later.wait(WAIT), "the writer thread must survive a bad callback"
-    tier.close()
-
-
-def test_write_back_queue_is_bounded():
+def test_write_queue_is_bounded():
     store = GatedStore(misses=set(keys_for(8, 4)))    # nothing stored yet
     tier = gated_tier(store, max_pending_writes=4)
-    first = tier.write_back(keys_for(4, 4), slots(4))
-    dropped = tier.write_back(keys_for(2, 4, seed=3), slots(2))
-    assert dropped.done() and dropped.stored == [False, False]
-    assert tier.stats()["write_dropped_pages"] == 2
-    assert not first.done()
+    first = tier.batch_set(keys_for(4, 4), pages(0, 4))
+    dropped = tier.batch_set(keys_for(2, 4, seed=3), pages(4, 2))
+    assert dropped.poll() == [False, False]
+    assert tier.stats()["store_dropped_pages"] == 2
+    assert first.poll() is None
     store.release(2)
-    assert tier.flush(WAIT) and first.stored == [True] * 4
-    assert tier.stats()["pending_write_pages"] == 0
-    tier.close()
+    assert tier.flush(WAIT) and first.poll() == [True] * 4
+    assert tier.stats()["store_pending_pages"] == 0
+    tier.detach()
     assert store.closed
+
+
+def test_a_store_that_cannot_start_gives_a_disabled_tier(caplog):
+    def unavailable(host, cfg):
+        raise StorageUnavailable("no disk today")
+
+    tier = StorageTier(open_store=unavailable)
+    with caplog.at_level(logging.ERROR, logger="hicache_kernels.storage"):
+        tier.attach(random_host(make_layout()))
+    assert not tier.enabled and "no disk today" in tier.status() and "no disk today" in caplog.text
+    keys = keys_for(2, 4)
+    assert tier.batch_exists(keys) == 0
+    assert tier.batch_set(keys, pages(0, 2)).poll() == [False, False]
+    fetch = tier.batch_get(keys, pages(2, 2))
+    assert fetch.can_terminate() and fetch.poll() == [False, False]
+    tier.detach()
 
 
 def test_bad_input_raises_in_the_callers_thread(tmp_path):
     layout = make_layout()
     tier = nixl_tier(random_host(layout), tmp_path)
-    with pytest.raises(ValueError, match="host_indices"):
-        tier.write_back(keys_for(2, 4), page_slots(0, 1, 4))
-    with pytest.raises(ValueError, match="host_indices"):
-        tier.prefetch(keys_for(2, 4), torch.arange(1, 9))
+    with pytest.raises(ValueError, match="host_indices: expected 2 pages"):
+        tier.batch_set(keys_for(2, 4), pages(0, 1))
+    with pytest.raises(ValueError, match="slots must lie in"):
+        tier.batch_get(keys_for(2, 4), pages(5, 2))
+    with pytest.raises(ValueError, match="host_pages: expected a 1-D"):
+        tier.batch_get(keys_for(2, 4), np.zeros((2, 1), dtype=np.int64))
     with pytest.raises(ValueError, match="keys"):
-        tier.lookup(["not-a-hash"])
-    with pytest.raises(ValueError, match="policy"):
-        tier.prefetch(keys_for(1, 4), page_slots(0, 1, 4), policy="eager")
-    tier.close()
+        tier.batch_exists(["not-a-hash"])
+    with pytest.raises(RuntimeError, match="attached"):
+        tier.attach(random_host(layout))
+    tier.detach()

@@ -172,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", choices=("auto",) + backends.NAMES, default="auto",
                    help="transfer backend of the tier (default: %(default)s)")
     c.add_argument("--sm-budget", type=_positive, help="blocks the tier's kernels may use")
+    c.add_argument("--storage", choices=("none", "nixl"), default="none",
+                   help="a third tier below the host pool: nixl writes every page backed up to "
+                        "host to files through NIXL and fetches lost histories back (default: "
+                        "%(default)s)")
+    c.add_argument("--storage-dir", metavar="DIR",
+                   help="where --storage nixl keeps its files, kept after the run so a later run "
+                        "finds them (implies --storage nixl; default: a temporary directory)")
+    c.add_argument("--prefetch-policy", choices=("best_effort", "wait_complete", "timeout"),
+                   default="wait_complete",
+                   help="when a request stops waiting for pages from storage, as in SGLang "
+                        "(default: %(default)s; best_effort barely waits here, as this server "
+                        "prefills a request as soon as it arrives)")
     c.add_argument("--no-verify", action="store_true",
                    help="skip checking the bytes of cached and loaded pages")
 
@@ -259,6 +271,8 @@ def e2e_config(args, clock: Clock) -> e2e.E2EConfig:
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
     cfg.host_layout, cfg.write_policy, cfg.backend = args.host_layout, args.write_policy, args.backend
+    cfg.storage = "nixl" if args.storage_dir else args.storage
+    cfg.storage_dir, cfg.prefetch_policy = args.storage_dir, args.prefetch_policy
     cfg.verify = not args.no_verify
     if not clock.gpu:
         cfg.notes.append(report.CPU_LABEL)

@@ -21,15 +21,22 @@ on the same workload and seed:
   page-granular LRU prefix cache; an evicted history is recomputed;
 * ``with HiCache`` (:class:`~.tier.HiCacheTier`): the manager's host tier
   behind the same interface; evicted pages come back by layer-wise loads that
-  overlap the forward pass.
+  overlap the forward pass. With ``--storage nixl`` a third tier sits below
+  the host pool: every page backed up to host is also written to files
+  through NIXL, and a history the host pool lost is fetched back from them.
 
-Only whole pages are cached (SGLang's paged radix cache does the same).
+Only whole pages are cached (SGLang's paged radix cache does the same). Pages
+are named by SGLang's chained SHA-256 page keys over the requests' token ids
+(synthetic: a function of client and position, like the KV content).
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
+import shutil
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Protocol, Sequence
@@ -38,10 +45,11 @@ import torch
 
 from ..buffers import KVBuffer
 from ..nvtx_ranges import nvtx_range
+from ..storage.keys import page_keys
 from .forward import StandInForward
 from .presets import TINY, ModelPreset
 from .timing import Clock, machine_info, median, percentile
-from .tier import HiCacheTier
+from .tier import HiCacheTier, Match
 
 __all__ = ["Cache", "DeviceCache", "E2EConfig", "Workload", "run", "simulate", "summarize"]
 
@@ -51,7 +59,7 @@ class Cache(Protocol):
 
     name: str
 
-    def match(self, page_ids: Sequence[Hashable]) -> tuple[int, int]: ...
+    def match(self, page_ids: Sequence[Hashable]) -> Match: ...
     def acquire(self, page_ids: Sequence[Hashable], on_device: int, on_host: int): ...
     def release(self, page_ids: Sequence[Hashable], keep: int) -> None: ...
     def poll(self) -> None: ...
@@ -82,7 +90,7 @@ class DeviceCache:
         n = 0
         while n < len(page_ids) and page_ids[n] in self.pages:
             n += 1
-        return n, 0
+        return Match(n, 0)
 
     def acquire(self, page_ids, on_device, on_host):
         if on_host:
@@ -211,17 +219,26 @@ def summarize(records: list[dict], counts: dict) -> dict:
     ttft_ms = [r["ttft"] * 1e3 for r in records]
     makespan = max(r["done"] for r in records) if records else float("nan")
     history = counts["history_tokens"]
-    avoided = counts["device_hit_tokens"] + counts["host_hit_tokens"]
+    device, host, storage = (counts["device_hit_tokens"], counts["host_hit_tokens"],
+                             counts["storage_hit_tokens"])
+
+    def rate(tokens):
+        return 100.0 * tokens / history if history else 0.0
+
     return dict(
         requests=len(records),
         history_tokens=history,
-        device_hit_tokens=counts["device_hit_tokens"],
-        host_hit_tokens=counts["host_hit_tokens"],
-        device_hit_rate_pct=100.0 * counts["device_hit_tokens"] / history if history else 0.0,
-        host_hit_rate_pct=100.0 * counts["host_hit_tokens"] / history if history else 0.0,
+        device_hit_tokens=device,
+        host_hit_tokens=host,
+        storage_hit_tokens=storage,
+        device_hit_rate_pct=rate(device),
+        host_hit_rate_pct=rate(host),
+        storage_hit_rate_pct=rate(storage),
         prefill_tokens_computed=counts["computed_tokens"],
-        prefill_tokens_avoided=avoided,
-        host_tokens_loaded=counts["host_hit_tokens"],
+        prefill_tokens_avoided=device + host + storage,
+        host_tokens_loaded=host + storage,
+        storage_tokens_fetched=storage,
+        storage_wait_ms=counts["storage_wait_s"] * 1e3,
         ttft_p50_ms=percentile(ttft_ms, 50),
         ttft_p90_ms=percentile(ttft_ms, 90),
         ttft_mean_ms=sum(ttft_ms) / len(ttft_ms) if ttft_ms else float("nan"),
@@ -236,6 +253,12 @@ def summarize(records: list[dict], counts: dict) -> dict:
 
 # -- the engine ----------------------------------------------------------------------
 
+def token_ids(client: int, length: int) -> list[int]:
+    """The synthetic prompt of ``client``: token ids as a function of (client, position),
+    like the KV content, so equal page keys always mean equal KV."""
+    return [(client * 1_000_003 + pos * 7919) % 2**32 for pos in range(length)]
+
+
 class Engine:
     """Serves one request on the device: match, acquire, prefill, release."""
 
@@ -246,16 +269,29 @@ class Engine:
         self.verify = verify
         self.rng = torch.Generator().manual_seed(seed)
         self.counts = dict(history_tokens=0, device_hit_tokens=0, host_hit_tokens=0,
-                           computed_tokens=0, input_tokens=0, checks=0, checks_ok=0)
+                           storage_hit_tokens=0, storage_wait_s=0.0, computed_tokens=0,
+                           input_tokens=0, checks=0, checks_ok=0)
+        self._keys: dict[int, list[str]] = {}
+
+    def page_ids(self, client: int, pages: int) -> list[str]:
+        """The first ``pages`` page keys of ``client``'s sequence (the last page of a
+        request may be partial: its key is that of the page once full)."""
+        keys = self._keys.get(client)
+        if keys is None:
+            P = self.P
+            longest = -(-self.w.longest // P) * P
+            keys = self._keys[client] = page_keys(token_ids(client, longest), P)
+        return keys[:pages]
 
     def serve(self, client: int, round_: int) -> float:
         w, P = self.w, self.P
         history = w.history(round_)
         prompt = history + w.request_length
         total = prompt + w.output_length
-        page_ids = [(client, i) for i in range(-(-total // P))]
+        page_ids = self.page_ids(client, -(-total // P))
         with nvtx_range(f"bench.e2e.request client={client} round={round_} tokens={prompt}"):
-            on_device, on_host = self.cache.match(page_ids[: history // P])
+            match = self.cache.match(page_ids[: history // P])
+            on_device, on_host = match.device, match.host
             reused = (on_device + on_host) * P
             start, end = self.clock.event(), self.clock.event()
             start.record()
@@ -267,14 +303,17 @@ class Engine:
             for layer in range(self.fwd.preset.layers):   # the answer's KV, written by decoding
                 self.fwd.write_kv(client, slots, prompt, total, layer)
             end.synchronize()
-            service_s = start.elapsed_time(end) / 1e3
+            # waiting for storage held this (one-at-a-time) server: it counts as service
+            service_s = start.elapsed_time(end) / 1e3 + match.wait_s
             if self.verify and reused:
                 self._check(client, slots, on_device * P, reused)
             self.cache.release(page_ids, keep=total // P)
         c = self.counts
         c["history_tokens"] += history
         c["device_hit_tokens"] += on_device * P
-        c["host_hit_tokens"] += on_host * P
+        c["host_hit_tokens"] += (on_host - match.storage) * P
+        c["storage_hit_tokens"] += match.storage * P
+        c["storage_wait_s"] += match.wait_s
         c["computed_tokens"] += prompt - reused
         c["input_tokens"] += prompt
         return service_s
@@ -308,6 +347,9 @@ class E2EConfig:
     write_policy: str = "write_through"
     backend: str = "auto"
     sm_budget: int | None = None
+    storage: str = "none"            # "nixl": a storage tier below the host pool
+    storage_dir: str | None = None   # None: a temporary directory, removed after the run
+    prefetch_policy: str = "wait_complete"
     verify: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -362,27 +404,33 @@ def run(cfg: E2EConfig, clock: Clock, *, progress=None, tier_factory=None) -> di
     runs, notes, tiers = {}, list(cfg.notes), {}
     why_not = None if tier_factory is not None else HiCacheTier.unavailable()
     plans = [("without HiCache", lambda: DeviceCache(pool))]
+    storage = storage_config(cfg, clock)
     if why_not is None:
         factory = tier_factory or (lambda p: HiCacheTier(
             p, host_ratio=cfg.host_ratio, host_layout=cfg.host_layout,
-            write_policy=cfg.write_policy, backend=cfg.backend, sm_budget=cfg.sm_budget))
+            write_policy=cfg.write_policy, backend=cfg.backend, sm_budget=cfg.sm_budget,
+            storage=storage))
         plans.append(("with HiCache", lambda: factory(pool)))
     else:
         notes.append(f"with HiCache: not run: {why_not}")
-    for name, make in plans:
-        cache = make()
-        tiers[name] = cache.describe()
-        engine = Engine(w, cache, fwd, clock, page_size=cfg.page_size, verify=cfg.verify,
-                        seed=w.seed)
-        task = progress.add_task(f"e2e {name}", total=w.requests) if progress is not None else None
-        tick = (lambda: progress.advance(task)) if progress is not None else None
-        try:
-            with nvtx_range(f"bench.e2e.run {name}"):
-                records = simulate(w, rate, engine.serve, decode_s, on_request=tick)
-            clock.sync()
-            runs[name] = dict(summarize(records, engine.counts), cache=cache.counters())
-        finally:
-            cache.close()
+    try:
+        for name, make in plans:
+            cache = make()
+            tiers[name] = cache.describe()
+            engine = Engine(w, cache, fwd, clock, page_size=cfg.page_size, verify=cfg.verify,
+                            seed=w.seed)
+            task = progress.add_task(f"e2e {name}", total=w.requests) if progress is not None else None
+            tick = (lambda: progress.advance(task)) if progress is not None else None
+            try:
+                with nvtx_range(f"bench.e2e.run {name}"):
+                    records = simulate(w, rate, engine.serve, decode_s, on_request=tick)
+                clock.sync()
+                runs[name] = dict(summarize(records, engine.counts), cache=cache.counters())
+            finally:
+                cache.close()
+    finally:
+        if storage is not None and cfg.storage_dir is None:
+            shutil.rmtree(storage["directory"], ignore_errors=True)
     doc = dict(
         benchmark="e2e",
         cpu_only=not clock.gpu,
@@ -399,7 +447,9 @@ def run(cfg: E2EConfig, clock: Clock, *, progress=None, tier_factory=None) -> di
         pools=dict(page_size=cfg.page_size, device_tokens=tokens,
                    all_histories_tokens=w.clients * w.longest, host_ratio=cfg.host_ratio,
                    host_layout=cfg.host_layout, write_policy=cfg.write_policy,
-                   backend=cfg.backend, sm_budget=cfg.sm_budget),
+                   backend=cfg.backend, sm_budget=cfg.sm_budget, storage=cfg.storage,
+                   storage_dir=cfg.storage_dir if storage is not None else None,
+                   prefetch_policy=cfg.prefetch_policy if storage is not None else None),
         timing=dict(decode_step_ms=decode_ms, full_recompute_ms=full_ms, full_recompute_tokens=mid),
         caches=tiers,
         notes=notes,
@@ -412,6 +462,23 @@ def run(cfg: E2EConfig, clock: Clock, *, progress=None, tier_factory=None) -> di
                          "prefill_tokens_computed")
                         if isinstance(base.get(k), (int, float)) and base[k]}
     return doc
+
+
+def storage_config(cfg: E2EConfig, clock: Clock) -> dict | None:
+    """The storage tier's configuration for ``cfg.storage`` (None: no storage tier).
+
+    Without ``storage_dir`` the pages go to a fresh temporary directory (removed
+    after the run). The namespace names what fixes the KV content besides the
+    page keys and the layout (preset, seed, device), so a kept directory is
+    found again by the same run and never serves another run's bytes."""
+    if cfg.storage == "none":
+        return None
+    if cfg.storage != "nixl":
+        raise ValueError(f"--storage: expected none or nixl, got {cfg.storage!r}")
+    content = repr((cfg.preset, cfg.workload.seed, clock.device.type)).encode()
+    directory = cfg.storage_dir or tempfile.mkdtemp(prefix="hicache-bench-storage-")
+    return dict(directory=directory, namespace="e2e-" + hashlib.sha256(content).hexdigest()[:16],
+                prefetch_policy=cfg.prefetch_policy)
 
 
 def quick_config(preset: ModelPreset, gpu: bool) -> E2EConfig:

@@ -101,7 +101,8 @@ def skipped_baselines(result: dict) -> list[str]:
 
 
 def e2e_table(result: dict) -> Table:
-    """With and without the host tier, side by side, and their ratio."""
+    """With and without the host tier (and the storage tier below it, if any), side by
+    side, and their ratio."""
     cpu = result["cpu_only"]
     runs = result["runs"]
     title = (f"hicache-bench e2e: {result['workload']['clients']} clients x "
@@ -123,6 +124,14 @@ def e2e_table(result: dict) -> Table:
         ("prefill tokens computed", "prefill_tokens_computed", "d"),
         ("prefill tokens avoided", "prefill_tokens_avoided", "d"),
         ("tokens loaded from host", "host_tokens_loaded", "d"),
+    ]
+    if result["pools"].get("storage", "none") != "none":
+        metrics += [
+            ("storage hit rate %", "storage_hit_rate_pct", ".1f"),
+            ("tokens fetched from storage", "storage_tokens_fetched", "d"),
+            (f"waiting for storage ({ms})", "storage_wait_ms", ".1f"),
+        ]
+    metrics += [
         (f"TTFT p50 ({ms})", "ttft_p50_ms", ".2f"),
         (f"TTFT p90 ({ms})", "ttft_p90_ms", ".2f"),
         ("throughput (req/s)", "throughput_rps", ".2f"),

@@ -1,29 +1,46 @@
 """The one seam between ``hicache-bench e2e`` and the HiCache manager.
 
 The e2e engine asks a cache four things (:class:`~.e2e.Cache`): how many
-leading pages of a history are on the device and on the host (``match``); to
-make a request's pages usable on the device, loading host pages layer by layer
-(``acquire``); to keep the first pages cached when the request is done and drop
-the rest (``release``); and to collect finished transfers (``poll``).
-:class:`HiCacheTier` answers them with :class:`hicache_kernels.manager.HiCacheManager`;
-this is the only file that knows the manager's API.
+leading pages of a history are on the device and on the host (``match``; with
+a storage tier, the pages after them that storage holds are fetched into host
+first); to make a request's pages usable on the device, loading host pages
+layer by layer (``acquire``); to keep the first pages cached when the request
+is done and drop the rest (``release``); and to collect finished transfers
+(``poll``). :class:`HiCacheTier` answers them with
+:class:`hicache_kernels.manager.HiCacheManager` (and, with ``storage=``, the
+NIXL :class:`hicache_kernels.storage.StorageTier` below it); this is the only
+file that knows the manager's API.
 
 Written against the manager's API as drafted for issue 4 (``lookup``, ``pin``,
 ``unpin``, ``load`` -> handle with ``wait(layer)``, ``alloc_device``,
-``device_indices``, ``free``, ``hit``, ``poll``, ``stats``, ``close``). If it
-changes, change this file only.
+``device_indices``, ``free``, ``hit``, ``poll``, ``stats``, ``close``; with
+storage, ``prefetch`` and ``check_prefetch``). If it changes, change this file only.
 """
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+import time
+from typing import Hashable, NamedTuple, Sequence
 
 import torch
 
 from ..buffers import KVBuffer
 from ..nvtx_ranges import nvtx_range
 
-__all__ = ["HiCacheTier"]
+__all__ = ["HiCacheTier", "Match"]
+
+_PREFETCH_POLL_S = 0.0002   # between prefetch checks while a request waits for storage
+
+
+class Match(NamedTuple):
+    """What a cache holds of a history: ``device`` leading pages on the device,
+    then ``host`` pages to load from host, ``storage`` of which were fetched
+    from storage for this match, taking ``wait_s`` seconds."""
+
+    device: int
+    host: int
+    storage: int = 0
+    wait_s: float = 0.0
 
 
 class HiCacheTier:
@@ -36,6 +53,9 @@ class HiCacheTier:
         host_layout: host pool layout kind.
         write_policy: ``write_through``, ``write_through_selective`` or ``write_back``.
         backend, sm_budget: how the manager's transfers run.
+        storage: a :class:`~hicache_kernels.storage.StorageConfig` dict for a NIXL
+            storage tier below the host pool, or None. Page ids must then be
+            page keys (:func:`~hicache_kernels.storage.page_keys`).
     """
 
     name = "with HiCache"
@@ -50,23 +70,54 @@ class HiCacheTier:
         return None
 
     def __init__(self, device_pool: KVBuffer, *, host_ratio: float, host_layout: str,
-                 write_policy: str, backend: str, sm_budget: int | None, **manager_options):
+                 write_policy: str, backend: str, sm_budget: int | None,
+                 storage: dict | None = None, **manager_options):
         from ..manager import HiCacheManager
 
         self.page_size = device_pool.layout.page_size
+        self.storage = None
+        if storage is not None:
+            from ..storage import StorageTier
+
+            self.storage = StorageTier(storage)
         self.mgr = HiCacheManager(device_pool, hicache_ratio=host_ratio, host_layout=host_layout,
                                   write_policy=write_policy, backend=backend, sm_budget=sm_budget,
-                                  **manager_options)
+                                  storage=self.storage, **manager_options)
         self.acks = 0
 
     def describe(self) -> str:
         host = self.mgr.host.layout
-        return (f"host tier: {host.num_slots} token slots, {host.kind.value}, "
+        text = (f"host tier: {host.num_slots} token slots, {host.kind.value}, "
                 f"{self.mgr.config.write_policy}")
+        if self.storage is not None:
+            text += (f"; storage tier: {self.storage.status()}, prefetch "
+                     f"{self.storage.config.prefetch_policy}")
+        return text
 
-    def match(self, page_ids: Sequence[Hashable]) -> tuple[int, int]:
-        """``(on_device, on_host)``: the leading pages with a device copy, then the
-        pages after them with only a host copy."""
+    def match(self, page_ids: Sequence[Hashable]) -> Match:
+        """The leading pages with a device copy, then the pages after them with
+        only a host copy. With a storage tier, the stored pages after those are
+        first fetched into host (waiting as the prefetch policy says)."""
+        on_device, on_host = self._tiers(page_ids)
+        if self.storage is None:
+            return Match(on_device, on_host)
+        rest = list(page_ids[on_device + on_host:])
+        absent = next((i for i, s in enumerate(self.mgr.lookup(rest)) if s), len(rest))
+        if not absent:
+            return Match(on_device, on_host)
+        mgr, start = self.mgr, time.perf_counter()
+        with nvtx_range(f"bench.e2e.fetch {absent} pages"):
+            fetched = mgr.prefetch(rest[:absent])
+            if not fetched:
+                return Match(on_device, on_host, 0, time.perf_counter() - start)
+            while not mgr.check_prefetch(fetched):
+                time.sleep(_PREFETCH_POLL_S)
+        wait_s = time.perf_counter() - start
+        on_device, on_host = self._tiers(page_ids)   # making room may have evicted host pages
+        run = set(page_ids[on_device:on_device + on_host])
+        return Match(on_device, on_host, sum(1 for i in fetched if i in run), wait_s)
+
+    def _tiers(self, page_ids: Sequence[Hashable]) -> tuple[int, int]:
         from ..manager import PageState
 
         states = self.mgr.lookup(page_ids)

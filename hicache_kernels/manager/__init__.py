@@ -11,11 +11,11 @@ from .host_pool import HostPool, host_pool_slots
 from .manager import Ack, Eviction, HiCacheConfig, HiCacheManager, LoadHandle, PageState
 from .pages import OutOfPages, PageAllocator, PageTable
 from .policy import WritePolicy
-from .storage import InMemoryStorage, StorageOp, StorageTier
+from .storage import InMemoryStorage, Storage, StorageOp
 
 __all__ = [
     "Ack", "CudaDevice", "Device", "EmulatedDevice", "Eviction", "HiCacheConfig",
     "HiCacheManager", "HostPool", "InMemoryStorage", "LoadHandle", "OutOfPages",
-    "PageAllocator", "PageState", "PageTable", "StorageOp", "StorageTier", "WritePolicy",
+    "PageAllocator", "PageState", "PageTable", "Storage", "StorageOp", "WritePolicy",
     "host_pool_slots",
 ]

@@ -157,6 +157,7 @@ class _Rules:
     load_waits_compute: bool = True
     host_locked_during_load: bool = True
     device_locked_during_backup: bool = True
+    host_locked_during_storage: bool = True
 
 
 class _Op:
@@ -250,7 +251,7 @@ class _Backup(_Op):
 
 
 class _StorageOp:
-    __slots__ = ("op_id", "kind", "entries", "host_pages", "pending")
+    __slots__ = ("op_id", "kind", "entries", "host_pages", "pending", "host_locked")
 
     def __init__(self, op_id, kind, entries, host_pages, pending):
         self.op_id = op_id
@@ -258,6 +259,7 @@ class _StorageOp:
         self.entries = entries
         self.host_pages = host_pages
         self.pending = pending        # a sequence of bools, or an object with poll()
+        self.host_locked = False
 
 
 def _page_size(asked: int | None, device_layout: KVLayout) -> int:
@@ -307,7 +309,9 @@ class HiCacheManager:
             synchronous :class:`EmulatedDevice`).
         compute_stream: the stream the model runs on (default: the current
             stream at each call).
-        storage: an optional lower tier (:mod:`.storage`'s protocol).
+        storage: an optional lower tier (:mod:`.storage`'s protocol), e.g.
+            :class:`hicache_kernels.storage.StorageTier` (files through NIXL);
+            page ids are then its keys (``hicache_kernels.storage.page_keys``).
         on_evict: called with an :class:`Eviction` after every eviction, so the
             caller's tree stays in step.
 
@@ -363,7 +367,11 @@ class HiCacheManager:
             self.host_pool.close(quiet=True)
             raise
         if storage is not None:
-            storage.attach(self.host_pool)
+            try:
+                storage.attach(self.host_pool)
+            except BaseException:
+                self.host_pool.close(quiet=True)
+                raise
         self._log_startup(device_pages * P, host_slots)
 
     def _setup(self, cfg: HiCacheConfig, device: Device, device_pages: int, host_slots: int) -> None:
@@ -631,8 +639,10 @@ class HiCacheManager:
 
     def prefetch(self, page_ids: Sequence[Hashable]) -> tuple:
         """Fetch the stored prefix of ``page_ids`` (those not in the table) from
-        storage into host pages. Returns the ids being fetched; a ``"prefetch"``
-        :class:`Ack` reports them (and any that failed) when they are on host."""
+        storage into host pages. Returns the ids being fetched (empty when
+        storage holds none or the host pool has no room); they show as
+        ``HOST | FETCHING`` until :meth:`check_prefetch` or :meth:`poll` settles
+        them, and a ``"prefetch"`` :class:`Ack` reports them (and any that failed)."""
         if self.storage is None:
             raise RuntimeError("prefetch: the manager has no storage tier")
         table = self.table.entries
@@ -650,19 +660,44 @@ class HiCacheManager:
                 e = self.table.add(page_id)
                 self.table.set_host(e, page)
                 entries.append(e)
-            self.host_pages.lock(pages)
             op = _StorageOp(self._op_id(), "prefetch", entries, pages, None)
+            self._lock_for_storage(op)
             for e in entries:
                 e.fill = op
             try:
                 op.pending = self.storage.batch_get(ids, pages)
             except BaseException:
-                self.host_pages.unlock(pages)
+                self._unlock_for_storage(op)
                 self._release(entries, remove=True)
                 raise
             self._storage_ops.append(op)
         log.debug("prefetch op %d: %d pages from storage", op.op_id, n)
         return tuple(ids)
+
+    def check_prefetch(self, page_ids: Sequence[Hashable]) -> bool:
+        """Whether a request may use ``page_ids`` now, under the storage tier's
+        prefetch policy (SGLang's ``check_prefetch_progress``); never blocks.
+
+        Every storage read still filling one of these pages is asked
+        ``can_terminate()``. If all may stop, they are stopped: the pages that
+        arrived are host pages from now on (:meth:`load` them), the others
+        leave the page table, and True is returned. Otherwise nothing changes
+        and False is returned: call again at the next scheduling step. A read
+        that cannot stop early (no ``can_terminate``) must finish.
+        """
+        self._collect()
+        get = self.table.entries.get
+        ops = {}
+        for page_id in page_ids:
+            e = get(page_id)
+            if e is not None and e.fill is not None:
+                ops[id(e.fill)] = e.fill
+        for op in ops.values():
+            if not getattr(op.pending, "can_terminate", lambda: False)():
+                return False
+        for op in ops.values():
+            self._end_prefetch(op, op.pending.terminate())
+        return True
 
     # -- completion ---------------------------------------------------------------------
     def poll(self) -> list[Ack]:
@@ -695,9 +730,14 @@ class HiCacheManager:
         try:
             self.synchronize(storage=True)
         finally:
-            self._load_transfers = []
-            self._backup_transfer = None
-            self.host_pool.close()
+            try:
+                detach = getattr(self.storage, "detach", None)
+                if detach is not None:   # storage lets go of the host pool before it goes
+                    detach()
+            finally:
+                self._load_transfers = []
+                self._backup_transfer = None
+                self.host_pool.close()
 
     def __enter__(self) -> "HiCacheManager":
         return self
@@ -706,13 +746,18 @@ class HiCacheManager:
         self.close()
 
     def stats(self) -> dict:
-        """Counts for logs and benchmarks."""
-        return dict(pages=len(self.table), device_free=self.device_pages.free_count,
-                    device_deferred=self.device_pages.deferred_count,
-                    host_free=self.host_pages.free_count,
-                    host_deferred=self.host_pages.deferred_count,
-                    loads_in_flight=len(self._loads), backups_in_flight=len(self._backups),
-                    storage_in_flight=len(self._storage_ops))
+        """Counts for logs and benchmarks; a storage tier's own counters (hits,
+        bytes, seconds) follow with a ``storage_`` prefix."""
+        out = dict(pages=len(self.table), device_free=self.device_pages.free_count,
+                   device_deferred=self.device_pages.deferred_count,
+                   host_free=self.host_pages.free_count,
+                   host_deferred=self.host_pages.deferred_count,
+                   loads_in_flight=len(self._loads), backups_in_flight=len(self._backups),
+                   storage_in_flight=len(self._storage_ops))
+        storage_stats = getattr(self.storage, "stats", None)
+        if storage_stats is not None:
+            out.update((f"storage_{k}", v) for k, v in storage_stats().items())
+        return out
 
     # -- internals: transfers -----------------------------------------------------------------
     def _backup(self, entries: list[PageEntry], producer, *, why: str) -> _Backup | None:
@@ -798,15 +843,15 @@ class HiCacheManager:
 
     def _store(self, entries: list[PageEntry]) -> None:
         pages = np.array([e.host_page for e in entries], dtype=np.int64)
-        self.host_pages.lock(pages)
         op = _StorageOp(self._op_id(), "store", entries, pages, None)
+        self._lock_for_storage(op)
         for e in entries:
             e.storing = op
         with self._mark("store", len(entries) * self.page_size):
             try:
                 op.pending = self.storage.batch_set([e.page_id for e in entries], pages)
             except BaseException:
-                self.host_pages.unlock(pages)
+                self._unlock_for_storage(op)
                 for e in entries:
                     e.storing = None
                 raise
@@ -820,7 +865,7 @@ class HiCacheManager:
             if result is None:
                 keep.append(op)
                 continue
-            self.host_pages.unlock(op.host_pages)
+            self._unlock_for_storage(op)
             failed = []
             for e, ok in zip(op.entries, result):
                 if op.kind == "prefetch":
@@ -835,6 +880,28 @@ class HiCacheManager:
             self._acks.append(Ack(op.kind, op.op_id, tuple(e.page_id for e in op.entries),
                                   tuple(failed)))
         self._storage_ops = keep
+
+    def _lock_for_storage(self, op: _StorageOp) -> None:
+        # storage reads or writes these host pages from another thread until the op ends
+        if self._rules.host_locked_during_storage:
+            self.host_pages.lock(op.host_pages)
+            op.host_locked = True
+
+    def _unlock_for_storage(self, op: _StorageOp) -> None:
+        if op.host_locked:
+            op.host_locked = False
+            self.host_pages.unlock(op.host_pages)
+
+    def _end_prefetch(self, op: _StorageOp, valid: int) -> None:
+        """A prefetch stopped by its policy: pages ``[0, valid)`` are on host from now
+        on, the rest leave the table. The op keeps its pages locked until it ends."""
+        table = self.table
+        for i, e in enumerate(op.entries):
+            if e.fill is not op:
+                continue
+            e.fill = None
+            if i >= valid and table.get(e.page_id) is e:
+                self._release([e], remove=True)
 
     # -- internals: slots ---------------------------------------------------------------------
     def _alloc_device_pages(self, n: int) -> np.ndarray:

@@ -8,14 +8,28 @@ caller's page ids, moving whole host pages:
 - ``batch_get(keys, host_pages)``: fill those host pages from storage.
 - ``batch_set(keys, host_pages)``: write those host pages to storage.
 
+The keys are the page ids themselves. The NIXL tier
+(:class:`hicache_kernels.storage.StorageTier`) needs them to be SGLang's
+chained page hashes (:func:`hicache_kernels.storage.page_keys`), so a caller
+with a storage tier names its pages by those hex strings.
+
 ``get``/``set`` return either a sequence of bools (done; one per key) or a
 :class:`StorageOp`-like object whose ``poll()`` returns None while running and
 the bools when done, and optionally ``wait()`` to block until done; the
 manager polls it from :meth:`HiCacheManager.poll` and keeps the host pages
-locked until then. ``attach(host_pool)`` is called once
-before any transfer, so a backend can register the pool's memory
-(``host_pool.base_address``, ``host_pool.nbytes``) and address a page through
-``host_pool.page_runs(page)`` (``(offset, nbytes)`` runs, K then V).
+locked until then. A ``get`` op may also offer the prefetch policy:
+``can_terminate()`` (the request may go ahead now) and ``terminate() -> m``
+(stop; pages ``[0, m)`` are valid, never blocking): see
+:meth:`HiCacheManager.check_prefetch`. Ops without them finish completely
+(``wait_complete``).
+
+``attach(host_pool)`` is called once before any transfer, so a backend can
+register the pool's memory (``host_pool.buffer``, a :class:`KVBuffer`; or
+``host_pool.base_address``, ``host_pool.nbytes`` and
+``host_pool.page_runs(page)``: ``(offset, nbytes)`` runs, K then V).
+Optional: ``detach()``, called by :meth:`HiCacheManager.close` once no op is in
+flight and before the host pool is freed; ``stats() -> dict``, merged into
+:meth:`HiCacheManager.stats` with a ``storage_`` prefix.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ import numpy as np
 
 from .host_pool import HostPool
 
-__all__ = ["StorageTier", "StorageOp", "InMemoryStorage"]
+__all__ = ["Storage", "StorageOp", "InMemoryStorage"]
 
 
 @runtime_checkable
@@ -36,7 +50,7 @@ class StorageOp(Protocol):
 
 
 @runtime_checkable
-class StorageTier(Protocol):
+class Storage(Protocol):
     def attach(self, host: HostPool) -> None: ...
 
     def batch_exists(self, keys: Sequence[Hashable]) -> int: ...

@@ -4,7 +4,8 @@ Bottom to top: :mod:`.keys` (SGLang's chained page hashes), :mod:`.pages`
 (where a page lies in the host pool; the page file format), :mod:`.store`
 (the :class:`PageStore` interface), :mod:`.nixl_store` (files through a NIXL
 file plugin), :mod:`.peer` (another host's memory through NIXL's UCX plugin),
-:mod:`.tier` (background write-back and prefetch that a manager drives).
+:mod:`.tier` (:class:`StorageTier`: the manager's storage tier, background
+write-through and prefetch).
 See docs/storage.md.
 """
 
@@ -13,8 +14,7 @@ from .keys import hash_page, page_keys
 from .store import PageStore, StorageUnavailable
 
 __all__ = ["StorageConfig", "PageStore", "StorageUnavailable", "hash_page", "page_keys",
-           "NixlFileStore", "PeerPageServer", "PeerPageStore", "StorageTier", "PrefetchHandle",
-           "WriteHandle"]
+           "NixlFileStore", "PeerPageServer", "PeerPageStore", "StorageTier", "PrefetchOp", "WriteOp"]
 
 
 def __getattr__(name):
@@ -25,7 +25,7 @@ def __getattr__(name):
     if name in ("PeerPageServer", "PeerPageStore"):
         from . import peer
         return getattr(peer, name)
-    if name in ("StorageTier", "PrefetchHandle", "WriteHandle"):
+    if name in ("StorageTier", "PrefetchOp", "WriteOp"):
         from . import tier
         return getattr(tier, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

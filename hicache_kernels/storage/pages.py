@@ -82,30 +82,21 @@ class PageGeometry:
         self.num_pages = lay.num_slots // lay.page_size
         if self.num_pages == 0:
             raise ValueError(f"host: needs at least one page of {lay.page_size} slots, has {lay.num_slots}")
+        if host.per_layer:
+            raise ValueError("host: expected one tensor per K and V (a host pool), got per-layer tensors")
         self.tag = layout_tag(lay)
+        # Page 0's runs in one plane, in the layout's byte order (the file order),
+        # then the same runs in V; page p is page 0 shifted by page_shift bytes.
+        runs = np.asarray(lay.page_byte_runs(), dtype=np.int64).reshape(-1, 2)
+        bases = np.asarray([plane.data_ptr() for plane in host.planes()], dtype=np.int64)
+        addr = (bases[:, None] + runs[None, :, 0]).ravel()
+        size = np.tile(runs[:, 1], bases.size)
         addressing = lay.plane_addressing()
-        layers = range(lay.num_layers)
-        bases = np.asarray(host.plane_bases(layers), dtype=np.int64).reshape(lay.num_planes_per_layer, -1)
-        # Offsets of every (slot, head) of page 0 within one layer of one plane.
-        slot_head = [(s, h) for s in range(lay.page_size) for h in range(lay.head_num)]
-        item = np.array([addressing.item_offset(s, h) for s, h in slot_head], dtype=np.int64)
-        # Uniform page stride: page p's items sit p * shift bytes after page 0's.
         self.page_shift = addressing.item_offset(lay.page_size) - addressing.item_offset(0)
-        shifted = np.array([addressing.item_offset(lay.page_size + s, h) for s, h in slot_head], dtype=np.int64)
-        if not np.array_equal(shifted - item, np.full_like(item, self.page_shift)):
-            raise AssertionError(f"{lay.describe()}: pages are not a uniform stride apart")
-        layer_offset = np.array([l * lay.layer_stride() for l in layers], dtype=np.int64)
-        # Canonical order: plane, then the layout's byte offset within the plane.
-        canon = (layer_offset[:, None] + item[None, :]).ravel()            # [L * P * H]
-        order = np.argsort(canon, kind="stable")
-        addr = (bases[:, :, None] + item[None, None, :]).reshape(bases.shape[0], -1)[:, order].ravel()
-        head_bytes = lay.head_bytes
-        # Merge pieces that follow each other in memory into one run.
-        breaks = np.nonzero(addr[1:] != addr[:-1] + head_bytes)[0] + 1
-        starts = np.concatenate(([0], breaks))
-        counts = np.diff(np.concatenate((starts, [addr.size])))
-        self.run_addr = addr[starts]                                        # page 0, [R]
-        self.run_bytes = counts.astype(np.int64) * head_bytes               # [R]
+        # K's last run may end where V's first starts: one run then.
+        starts = np.concatenate(([0], np.nonzero(addr[1:] != addr[:-1] + size[:-1])[0] + 1))
+        self.run_addr = addr[starts]                                          # page 0, [R]
+        self.run_bytes = np.add.reduceat(size, starts)                        # [R]
         self.file_offsets = np.concatenate(([0], np.cumsum(self.run_bytes)[:-1])).astype(np.int64)
         self.runs_per_page = int(self.run_addr.size)
         self.page_bytes = int(self.run_bytes.sum())

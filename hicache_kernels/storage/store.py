@@ -11,7 +11,7 @@ __all__ = ["PageStore", "StorageUnavailable", "Counters", "io_counters"]
 class StorageUnavailable(RuntimeError):
     """The store cannot start here (directory unusable, no NIXL plugin...).
 
-    :meth:`StorageTier.open` catches it, logs it and serves without storage.
+    :meth:`StorageTier.attach` catches it, logs it and serves without storage.
     """
 
 

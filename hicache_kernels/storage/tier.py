@@ -1,31 +1,33 @@
-"""The storage tier a cache manager drives: write-back and prefetch in the background.
+"""The storage tier the HiCache manager drives: write-through and prefetch in the background.
 
-The seam is small on purpose: the manager hands over page keys and the host
-slots that hold (or will hold) those pages, and gets back handles it can poll
-or be called back from. It never sees files, NIXL or threads; the tier never
-sees radix trees or eviction.
+:class:`StorageTier` implements the manager's storage protocol
+(:mod:`hicache_kernels.manager.storage`) on a :class:`~.store.PageStore`
+(files through NIXL by default), so the manager only ever sees page keys, host
+page indices and ops it polls; it never sees files, NIXL or threads, and the
+tier never sees the page table or eviction.
 
 ===============================================  ================================================
-manager event                                    call
+manager event                                    tier call
 ===============================================  ================================================
-start-up                                         ``tier = StorageTier.open(host_pool, config)``
-pages reached the host pool (backup finished)    ``tier.write_back(keys, host_indices, on_done=)``
-lookup missed device and host after page ``k``   ``n = tier.lookup(keys[k:])``
-allocated ``n`` host pages for the hit            ``h = tier.prefetch(keys[k:k+n], host_indices)``
-every scheduling step, per pending prefetch      ``if h.can_terminate(): m = h.terminate()``
-                                                 (pages ``[0, m)`` valid; free the rest)
+start-up (the host pool exists)                  ``tier.attach(host_pool)`` (opens the store)
+pages reached the host pool (backup finished)    ``op = tier.batch_set(keys, host_pages)``
+lookup missed device and host                    ``n = tier.batch_exists(keys)`` (hit prefix)
+``n`` host pages allocated for the hit            ``op = tier.batch_get(keys[:n], host_pages)``
+every scheduling step                            ``op.poll()``: None while running, else bools
+the request is due (prefetch policy)             ``if op.can_terminate(): m = op.terminate()``
 metrics                                          ``tier.stats()``
-shut-down                                        ``tier.close()``
+shut-down (before the host pool is freed)        ``tier.detach()``
 ===============================================  ================================================
 
-Host slots given to :meth:`StorageTier.write_back` must stay unchanged, and
-slots given to :meth:`StorageTier.prefetch` must stay unused, until the
-handle is done (write-back) or terminated (prefetch): the tier reads or
-writes them from a worker thread until then.
+``host_pages`` are page indices of the host pool (``[n]``; page ``p`` is token
+slots ``[p * page_size, (p + 1) * page_size)``). The tier reads (``batch_set``)
+or writes (``batch_get``) those pages from a worker thread until the op's
+``poll()`` returns its result: the caller keeps them locked until then.
 
 Storage trouble never raises here: a missing, full or read-only directory, a
-corrupt or truncated page, a failed transfer, all become misses or unwritten
+corrupt or truncated page, a failed transfer all become misses or unstored
 pages, counted and logged, and the cache keeps serving from the tiers above.
+Only malformed arguments raise ``ValueError``, in the caller's thread.
 """
 
 from __future__ import annotations
@@ -38,71 +40,78 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .config import PREFETCH_POLICIES, StorageConfig
+from .config import StorageConfig
 from .store import Counters, PageStore, StorageUnavailable
 
-__all__ = ["StorageTier", "WriteHandle", "PrefetchHandle"]
+__all__ = ["StorageTier", "WriteOp", "PrefetchOp"]
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
 
 
-class WriteHandle:
-    """One write-back: ``stored[i]`` says whether page ``i`` is in storage
-    (written now, or found there already), once :meth:`done`."""
+class WriteOp:
+    """One ``batch_set``: pages being written from host pages to storage.
 
-    def __init__(self, keys: list[str], host_indices: np.ndarray, on_done: Callable | None):
+    ``poll()`` is None while the tier may still read the host pages, then one
+    bool per page: stored (written now, or found stored already).
+    """
+
+    def __init__(self, keys: list[str], host_pages: np.ndarray, slots: np.ndarray):
         self.keys = keys
-        self.host_indices = host_indices
+        self.host_pages = host_pages
+        self.slots = slots
         self.stored: list[bool] = [False] * len(keys)
-        self._on_done = on_done
-        self._event = threading.Event()
+        self._done = threading.Event()
 
     @property
     def num_pages(self) -> int:
         return len(self.keys)
 
-    def done(self) -> bool:
-        """True once the tier no longer reads the host slots."""
-        return self._event.is_set()
+    def poll(self) -> list[bool] | None:
+        return list(self.stored) if self._done.is_set() else None
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(timeout)
+        """Block until done; False on timeout."""
+        return self._done.wait(timeout)
 
     def _finish(self) -> None:
-        self._event.set()
-        _call_back(self._on_done, self)
+        self._done.set()
 
 
-class PrefetchHandle:
-    """One prefetch of a storage hit into host slots.
+class PrefetchOp:
+    """One ``batch_get``: stored pages being read into host pages, batch by batch.
 
-    ``completed_pages`` grows batch by batch (a prefix, each page checksummed).
-    :meth:`can_terminate` applies the policy; :meth:`terminate` stops it and
-    returns how many leading pages are valid in the host slots.
+    The valid pages are always a prefix (each checked against its checksum).
+    :meth:`can_terminate` applies the prefetch policy (SGLang's meanings):
 
-    Policies (SGLang's meanings):
-        ``best_effort``: may stop at any time; use whatever has arrived.
-        ``wait_complete``: stop only once every page has been tried.
-        ``timeout``: like ``wait_complete``, but give up after
-            ``min(max, base + per_ki_token * tokens / 1024)`` seconds.
+    ``best_effort``
+        always: the request may proceed with whatever has arrived.
+    ``wait_complete``
+        once every page was tried (a miss or failure ends the prefix early).
+    ``timeout``
+        as ``wait_complete``, or once ``min(max, base + per_ki_token * tokens / 1024)``
+        seconds have passed.
+
+    :meth:`terminate` stops it without blocking and fixes the result: pages
+    ``[0, m)`` are valid, the rest are not. ``poll()`` is None while the tier
+    may still write into the host pages (at most the batch in flight after a
+    terminate), then the final bools.
     """
 
-    def __init__(self, keys: list[str], host_indices: np.ndarray, *, policy: str,
-                 timeout_s: float, on_done: Callable | None):
+    def __init__(self, keys: list[str], host_pages: np.ndarray, slots: np.ndarray, *,
+                 policy: str, timeout_s: float):
         self.keys = keys
-        self.host_indices = host_indices
+        self.host_pages = host_pages
+        self.slots = slots
         self.policy = policy
         self.timeout_s = timeout_s
         self.start_time = time.monotonic()
-        self._on_done = on_done
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._completed = 0
-        self._in_flight = False
         self._stopped = False
-        self._finished = threading.Event()
         self._result: int | None = None
+        self._done = threading.Event()
 
     @property
     def num_pages(self) -> int:
@@ -110,116 +119,142 @@ class PrefetchHandle:
 
     @property
     def completed_pages(self) -> int:
-        """Leading pages already valid in the host slots."""
-        with self._cond:
+        """Leading pages already valid in the host pages."""
+        with self._lock:
             return self._completed
 
-    def finished(self) -> bool:
-        """Every page was tried (or a miss/failure ended the prefix early)."""
-        return self._finished.is_set()
+    def poll(self) -> list[bool] | None:
+        if not self._done.is_set():
+            return None
+        valid = self.valid_pages()
+        return [i < valid for i in range(self.num_pages)]
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._finished.wait(timeout)
+        """Block until the tier no longer touches the host pages; False on timeout."""
+        return self._done.wait(timeout)
 
     def can_terminate(self) -> bool:
-        if self.policy == "best_effort":
-            return True
-        if self.finished():
+        if self.policy == "best_effort" or self._done.is_set():
             return True
         return self.policy == "timeout" and time.monotonic() - self.start_time > self.timeout_s
 
     def terminate(self) -> int:
-        """Stop; wait for a batch in flight (at most ``batch_pages`` pages);
-        return the number of leading pages valid in the host slots. The slots
-        of the other pages are the caller's again."""
-        with self._cond:
+        """Stop reading; return the number of leading pages valid now. Never blocks."""
+        with self._lock:
             self._stopped = True
-            while self._in_flight:
-                self._cond.wait()
             if self._result is None:
                 self._result = self._completed
             return self._result
 
+    def valid_pages(self) -> int:
+        with self._lock:
+            return self._completed if self._result is None else self._result
+
     # -- worker side -------------------------------------------------------------
     def _begin_batch(self) -> bool:
-        with self._cond:
-            if self._stopped:
-                return False
-            self._in_flight = True
-            return True
+        with self._lock:
+            return not self._stopped
 
     def _end_batch(self, valid_pages: int) -> None:
-        with self._cond:
+        with self._lock:
             self._completed += valid_pages
-            self._in_flight = False
-            self._cond.notify_all()
 
     def _finish(self) -> None:
-        self._finished.set()
-        _call_back(self._on_done, self)
+        self._done.set()
 
 
 class StorageTier:
-    """Background write-back and prefetch over a :class:`PageStore`.
+    """Background write-through and prefetch over a :class:`PageStore`.
 
     Args:
-        store: the backend, or None for a disabled tier (every lookup misses,
-            every write is dropped) - what :meth:`open` returns when storage
-            cannot start.
-        config: batch size, prefetch policy and timeout, queue bound.
-        reason: why the tier is disabled, for :meth:`status`.
+        config: a :class:`StorageConfig` or dict (directory, batch size,
+            prefetch policy and timeout, queue bound); see docs/storage.md.
+        open_store: ``open_store(host, config) -> PageStore``, called by
+            :meth:`attach` with the host pool's :class:`KVBuffer`; default
+            :class:`~.nixl_store.NixlFileStore` (files through NIXL). Raising
+            :class:`StorageUnavailable` gives a disabled tier (logged): every
+            lookup misses, every write is dropped.
 
     Example:
-        >>> tier = StorageTier.open(host, {"directory": "/mnt/nvme/kv"})
-        >>> keys = page_keys(tokens, host.layout.page_size)
-        >>> tier.write_back(keys, host_indices).wait()
-        >>> n = tier.lookup(keys)
-        >>> h = tier.prefetch(keys[:n], free_host_indices)
-        >>> valid = h.terminate() if h.can_terminate() else None
+        >>> tier = StorageTier({"directory": "/mnt/nvme/kv", "prefetch_policy": "timeout"})
+        >>> mgr = HiCacheManager(device_pool, storage=tier)   # calls tier.attach(host pool)
+        >>> mgr.stats()["storage_bytes_read"]
+        0
     """
 
-    def __init__(self, store: PageStore | None, config: "StorageConfig | dict | None" = None, *,
-                 reason: str = ""):
-        self.store = store
+    def __init__(self, config: "StorageConfig | dict | None" = None, *,
+                 open_store: Callable[..., PageStore] | None = None):
         self.config = StorageConfig.load(config)
-        self.reason = reason
+        self._open_store = open_store
+        self.store: PageStore | None = None
+        self.reason = "not attached"
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._stats = Counters(
             lookups=0, lookup_pages=0, lookup_hit_pages=0,
             prefetches=0, prefetch_pages=0, prefetch_loaded_pages=0, prefetch_seconds=0.0,
-            write_backs=0, write_pages=0, write_existing_pages=0, write_stored_pages=0,
-            write_failed_pages=0, write_dropped_pages=0, write_back_seconds=0.0,
+            stores=0, store_pages=0, store_existing_pages=0, store_written_pages=0,
+            store_failed_pages=0, store_dropped_pages=0, store_seconds=0.0,
         )
+        self._io_before: dict = {}      # counters of stores already detached
         self._pending_write_pages = 0
-        self._idle = threading.Condition(self._lock)
+        self._threads: list[threading.Thread] = []
+
+    # -- lifetime ------------------------------------------------------------------
+    def attach(self, host) -> None:
+        """Open the store on ``host`` (the manager's :class:`HostPool`, or a host
+        :class:`KVBuffer`) and start the worker threads. Storage that cannot
+        start here leaves the tier disabled (logged); a missing NIXL package
+        raises ``ImportError``."""
+        if self.store is not None:
+            raise RuntimeError("attach: the tier is attached to a host pool already; detach() first")
+        buffer = getattr(host, "buffer", host)   # HostPool -> its KVBuffer
+        open_store = self._open_store
+        if open_store is None:
+            from .nixl_store import NixlFileStore as open_store
+        try:
+            store = open_store(buffer, self.config)
+        except StorageUnavailable as e:
+            self.reason = str(e)
+            log.error("storage: tier disabled, serving from device and host only: %s", e)
+            return
+        self.store, self.reason = store, ""
         self._write_q: queue.Queue = queue.Queue()
         self._prefetch_q: queue.Queue = queue.Queue()
-        self._closed = False
+        self._threads = [threading.Thread(target=loop, args=(store, q), name=name, daemon=True)
+                         for name, loop, q in (("hicache-storage-write", self._write_loop, self._write_q),
+                                               ("hicache-storage-prefetch", self._prefetch_loop,
+                                                self._prefetch_q))]
+        for thread in self._threads:
+            thread.start()
+
+    def detach(self, *, flush: bool = True) -> None:
+        """Finish (or with ``flush=False`` abandon) queued writes, stop the
+        threads and release the store and the host pool (idempotent)."""
+        store = self.store
+        if store is None:
+            return
+        if flush:
+            self.flush()
+        with self._lock:        # after this, new calls see a detached tier and queue nothing
+            self.store = None
+            self.reason = "detached"
+            self._write_q.put(_STOP)
+            self._prefetch_q.put(_STOP)
+        for thread in self._threads:
+            thread.join()
         self._threads = []
-        if store is not None:
-            for name, loop in (("hicache-storage-write", self._write_loop),
-                               ("hicache-storage-prefetch", self._prefetch_loop)):
-                thread = threading.Thread(target=loop, name=name, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    @classmethod
-    def open(cls, host, config: "StorageConfig | dict | None" = None) -> "StorageTier":
-        """A tier over a :class:`NixlFileStore` of ``host``; disabled (logged) when
-        the store cannot start here. Malformed configuration still raises."""
-        cfg = StorageConfig.load(config)
-        from .nixl_store import NixlFileStore
+        io = store.io_stats()
+        self._io_before = {k: self._io_before.get(k, 0) + v for k, v in io.items()}
         try:
-            store = NixlFileStore(host, cfg)
-        except StorageUnavailable as e:
-            log.error("storage: tier disabled, serving from device and host only: %s", e)
-            return cls(None, cfg, reason=str(e))
-        return cls(store, cfg)
+            store.close()
+        except Exception:
+            log.exception("storage: closing the store failed")
 
-    # -- state -------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------
     @property
     def enabled(self) -> bool:
-        return self.store is not None and not self._closed
+        return self.store is not None
 
     @property
     def page_size(self) -> int | None:
@@ -227,7 +262,7 @@ class StorageTier:
 
     def status(self) -> str:
         if self.store is None:
-            return f"storage disabled: {self.reason or 'no store'}"
+            return f"storage disabled: {self.reason}"
         return self.store.status()
 
     def stats(self) -> dict:
@@ -235,19 +270,23 @@ class StorageTier:
         and seconds of storage I/O, corrupt pages and errors."""
         out = self._stats.snapshot()
         with self._lock:
-            out["pending_write_pages"] = self._pending_write_pages
-        if self.store is not None:
-            out.update(self.store.io_stats())
+            out["store_pending_pages"] = self._pending_write_pages
+        io = dict(self._io_before)
+        store = self.store
+        if store is not None:
+            for k, v in store.io_stats().items():
+                io[k] = io.get(k, 0) + v
+        out.update(io)
         return out
 
-    # -- the calls a manager makes -------------------------------------------------
-    def lookup(self, keys: Sequence[str]) -> int:
+    # -- the manager's storage protocol ----------------------------------------------
+    def batch_exists(self, keys: Sequence[str]) -> int:
         """Number of leading ``keys`` whose pages storage holds (0 when disabled)."""
         keys = list(keys)
-        hit = 0
-        if self.enabled and keys:
+        store, hit = self.store, 0
+        if store is not None and keys:
             try:
-                hit = self.store.batch_exists(keys)
+                hit = store.batch_exists(keys)
             except ValueError:
                 raise  # malformed keys: the caller's bug
             except Exception:
@@ -255,52 +294,44 @@ class StorageTier:
         self._stats.add(lookups=1, lookup_pages=len(keys), lookup_hit_pages=hit)
         return hit
 
-    def write_back(self, keys: Sequence[str], host_indices, *,
-                   on_done: Callable[[WriteHandle], None] | None = None) -> WriteHandle:
-        """Queue pages that reached the host pool for writing to storage.
-
-        ``on_done(handle)`` runs on the writer thread when the host slots are
-        no longer read (also when the pages were dropped or failed).
-        """
-        keys, idx = self._check(keys, host_indices)
-        handle = WriteHandle(keys, idx, on_done)
-        self._stats.add(write_backs=1, write_pages=len(keys))
+    def batch_set(self, keys: Sequence[str], host_pages) -> WriteOp:
+        """Queue host pages for writing to storage; returns at once. Pages
+        already stored are not written again. When more than
+        ``max_pending_writes`` pages wait, the pages are dropped (counted; the
+        host tier still has them) rather than blocking the caller."""
+        op = WriteOp(*self._check(keys, host_pages))
+        n = op.num_pages
+        self._stats.add(stores=1, store_pages=n)
         with self._lock:
-            accept = (self.enabled and keys
-                      and self._pending_write_pages + len(keys) <= self.config.max_pending_writes)
+            accept = (self.store is not None and n
+                      and self._pending_write_pages + n <= self.config.max_pending_writes)
             if accept:
-                self._pending_write_pages += len(keys)
+                self._pending_write_pages += n
+                self._write_q.put(op)      # under the lock: detach cannot slip in between
         if not accept:
-            if keys and self.enabled:
-                log.debug("storage: write-back queue full; %d pages stay in the host tier only", len(keys))
-            self._stats.add(write_dropped_pages=len(keys))
-            handle._finish()
-            return handle
-        self._write_q.put(handle)
-        return handle
+            if n and self.store is not None:
+                log.debug("storage: write queue full; %d pages stay in the host tier only", n)
+            self._stats.add(store_dropped_pages=n)
+            op._finish()
+        return op
 
-    def prefetch(self, keys: Sequence[str], host_indices, *, policy: str | None = None,
-                 on_done: Callable[[PrefetchHandle], None] | None = None) -> PrefetchHandle:
-        """Start reading stored pages into host slots; returns at once.
-
-        ``policy`` overrides the configured one. ``on_done(handle)`` runs on
-        the prefetch thread once every page was tried or the prefetch stopped.
-        """
-        policy = policy or self.config.prefetch_policy
-        if policy not in PREFETCH_POLICIES:
-            raise ValueError(f"policy: expected one of {', '.join(PREFETCH_POLICIES)}, got {policy!r}")
-        keys, idx = self._check(keys, host_indices)
-        timeout_s = self.config.timeout_for(idx.size)
-        handle = PrefetchHandle(keys, idx, policy=policy, timeout_s=timeout_s, on_done=on_done)
+    def batch_get(self, keys: Sequence[str], host_pages) -> PrefetchOp:
+        """Start reading stored pages into host pages; returns at once. The
+        policy is the configured ``prefetch_policy``."""
+        keys, pages, slots = self._check(keys, host_pages)
+        op = PrefetchOp(keys, pages, slots, policy=self.config.prefetch_policy,
+                        timeout_s=self.config.timeout_for(slots.size))
         self._stats.add(prefetches=1, prefetch_pages=len(keys))
-        if not self.enabled or not keys:
-            handle._finish()
-            return handle
-        self._prefetch_q.put(handle)
-        return handle
+        with self._lock:
+            accept = self.store is not None and keys
+            if accept:
+                self._prefetch_q.put(op)
+        if not accept:
+            op._finish()
+        return op
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued write-back is done; False on timeout."""
+        """Wait until every queued write is done; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
             while self._pending_write_pages:
@@ -310,89 +341,66 @@ class StorageTier:
                 self._idle.wait(left)
         return True
 
-    def close(self, *, flush: bool = True) -> None:
-        """Finish (or with ``flush=False`` abandon) queued work, stop the threads,
-        release the store."""
-        if self._closed:
-            return
-        if flush:
-            self.flush()
-        self._closed = True
-        self._write_q.put(_STOP)
-        self._prefetch_q.put(_STOP)
-        for thread in self._threads:
-            thread.join()
-        if self.store is not None:
-            try:
-                self.store.close()
-            except Exception:
-                log.exception("storage: closing the store failed")
-
-    # -- workers -----------------------------------------------------------------
-    def _write_loop(self) -> None:
-        batch = self.config.batch_pages
-        page = self.store.page_size
-        while (handle := self._write_q.get()) is not _STOP:
+    # -- workers ---------------------------------------------------------------------
+    def _write_loop(self, store: PageStore, ops: queue.Queue) -> None:
+        batch, page = self.config.batch_pages, store.page_size
+        while (op := ops.get()) is not _STOP:
             start = time.perf_counter()
             stored = 0
             try:
-                if not self._closed:
-                    existing = self.store.batch_exists(handle.keys)
-                    handle.stored[:existing] = [True] * existing
-                    self._stats.add(write_existing_pages=existing)
-                    for lo in range(existing, handle.num_pages, batch):
-                        hi = min(lo + batch, handle.num_pages)
-                        ok = self.store.batch_set(handle.keys[lo:hi], handle.host_indices[lo * page:hi * page])
-                        handle.stored[lo:hi] = ok
-                        stored += sum(ok)
+                existing = store.batch_exists(op.keys)
+                op.stored[:existing] = [True] * existing
+                self._stats.add(store_existing_pages=existing)
+                for lo in range(existing, op.num_pages, batch):
+                    hi = min(lo + batch, op.num_pages)
+                    ok = store.batch_set(op.keys[lo:hi], op.slots[lo * page:hi * page])
+                    op.stored[lo:hi] = ok
+                    stored += sum(ok)
             except Exception:
-                log.exception("storage: write-back failed; pages stay in the host tier only")
-            failed = handle.num_pages - sum(handle.stored)
-            self._stats.add(write_stored_pages=stored, write_failed_pages=failed,
-                            write_back_seconds=time.perf_counter() - start)
-            handle._finish()
+                log.exception("storage: write failed; the pages stay in the host tier only")
+            failed = op.num_pages - sum(op.stored)
+            self._stats.add(store_written_pages=stored, store_failed_pages=failed,
+                            store_seconds=time.perf_counter() - start)
+            op._finish()
             with self._idle:
-                self._pending_write_pages -= handle.num_pages
+                self._pending_write_pages -= op.num_pages
                 self._idle.notify_all()
 
-    def _prefetch_loop(self) -> None:
-        batch = self.config.batch_pages
-        page = self.store.page_size
-        while (handle := self._prefetch_q.get()) is not _STOP:
+    def _prefetch_loop(self, store: PageStore, ops: queue.Queue) -> None:
+        batch, page = self.config.batch_pages, store.page_size
+        while (op := ops.get()) is not _STOP:
             start = time.perf_counter()
-            loaded = 0
-            for lo in range(0, handle.num_pages, batch):
-                if self._closed or not handle._begin_batch():
+            for lo in range(0, op.num_pages, batch):
+                if not op._begin_batch():
                     break
-                hi = min(lo + batch, handle.num_pages)
+                hi = min(lo + batch, op.num_pages)
                 valid = 0
                 try:
-                    ok = self.store.batch_get(handle.keys[lo:hi], handle.host_indices[lo * page:hi * page])
+                    ok = store.batch_get(op.keys[lo:hi], op.slots[lo * page:hi * page])
                     valid = ok.index(False) if False in ok else len(ok)
                 except Exception:
                     log.exception("storage: prefetch failed; the pages are misses")
-                handle._end_batch(valid)
-                loaded += valid
+                op._end_batch(valid)
                 if valid < hi - lo:
                     break  # the hit prefix ends here
-            self._stats.add(prefetch_loaded_pages=loaded, prefetch_seconds=time.perf_counter() - start)
-            handle._finish()
+            op._finish()
+            self._stats.add(prefetch_loaded_pages=op.valid_pages(),
+                            prefetch_seconds=time.perf_counter() - start)
 
-    # -- helpers -------------------------------------------------------------------
-    def _check(self, keys: Sequence[str], host_indices) -> tuple[list[str], np.ndarray]:
+    # -- helpers ---------------------------------------------------------------------
+    def _check(self, keys: Sequence[str], host_pages) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Keys, a private copy of the host pages ``[n]`` and their token slots
+        ``[n * page_size]``; bad input raises here, not in a worker."""
         keys = list(keys)
-        if self.store is not None:
-            self.store.check_pages(keys, host_indices)  # bad input raises here, not in a worker
-        if hasattr(host_indices, "detach"):
-            host_indices = host_indices.detach().cpu().numpy()
-        # A private copy: the caller may reuse its index tensor at once.
-        return keys, np.array(host_indices, dtype=np.int64, copy=True).reshape(-1)
-
-
-def _call_back(fn: Callable | None, handle) -> None:
-    if fn is None:
-        return
-    try:
-        fn(handle)
-    except Exception:
-        log.exception("storage: completion callback %r raised", fn)
+        if hasattr(host_pages, "detach"):
+            host_pages = host_pages.detach().cpu().numpy()
+        pages = np.array(host_pages, dtype=np.int64, copy=True)
+        if pages.ndim != 1:
+            raise ValueError(f"host_pages: expected a 1-D sequence of page indices, got shape {pages.shape}")
+        store = self.store
+        if store is None:
+            return keys, pages, pages
+        p = store.page_size
+        slots = (pages[:, None] * p + np.arange(p, dtype=np.int64)).reshape(-1)
+        store.check_pages(keys, slots)
+        return keys, pages, slots
