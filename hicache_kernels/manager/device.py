@@ -36,8 +36,8 @@ __all__ = ["Device", "CudaDevice", "EmulatedDevice", "EmulatedStream", "Emulated
 
 # fn(stream) runs the work on ``stream`` (the manager's closures call a prepared Transfer).
 Work = Callable[[Any], None]
-# fn(stream, layer) runs one layer of a layer-wise transfer on ``stream``.
-LayerWork = Callable[[Any, int], None]
+# fn(stream, op, layer) runs one layer of the layer-wise transfer ``op`` on ``stream``.
+LayerWork = Callable[[Any, Any, int], None]
 
 
 class Device:
@@ -74,11 +74,12 @@ class Device:
         """Run ``work(stream)`` on ``stream``. ``tag`` describes it to the emulation's tests."""
         raise NotImplementedError
 
-    def launch_layers(self, stream, work: LayerWork, events: Sequence, tag: Any = None) -> None:
-        """Run ``work(stream, i)`` on ``stream`` for each ``i`` in order, recording
-        ``events[i]`` right after layer ``i`` (one call: a load's per-layer loop)."""
+    def launch_layers(self, stream, work: LayerWork, op: Any, events: Sequence) -> None:
+        """Run ``work(stream, op, i)`` on ``stream`` for each ``i`` in order, recording
+        ``events[i]`` right after layer ``i`` (one call for a load's per-layer loop;
+        ``op`` is also the tag, as in :meth:`launch`)."""
         for layer, event in enumerate(events):
-            self.launch(stream, lambda s, layer=layer: work(s, layer), tag)
+            self.launch(stream, lambda s, layer=layer: work(s, op, layer), op)
             self.record(event, stream)
 
     def priority_range(self) -> tuple[int, int]:
@@ -120,9 +121,9 @@ class CudaDevice(Device):
     def launch(self, stream, work: Work, tag: Any = None) -> None:
         work(stream)
 
-    def launch_layers(self, stream, work: LayerWork, events: Sequence, tag: Any = None) -> None:
+    def launch_layers(self, stream, work: LayerWork, op: Any, events: Sequence) -> None:
         for layer, event in enumerate(events):
-            work(stream, layer)
+            work(stream, op, layer)
             event.record(stream)
 
     def priority_range(self) -> tuple[int, int]:
@@ -217,10 +218,11 @@ class EmulatedDevice(Device):
     def launch(self, stream: EmulatedStream, work: Work, tag: Any = None) -> None:
         self._enqueue(stream, work, tag, None)
 
-    def launch_layers(self, stream: EmulatedStream, work: LayerWork, events: Sequence,
-                      tag: Any = None) -> None:
+    def launch_layers(self, stream: EmulatedStream, work: LayerWork, op: Any,
+                      events: Sequence) -> None:
         n = len(events)
-        stream.ops.extend(zip(repeat(work, n), zip(range(n)), repeat(tag, n), repeat(None, n)))
+        stream.ops.extend(zip(repeat(work, n), zip(repeat(op, n), range(n)), repeat(op, n),
+                              repeat(None, n)))
         target = stream.issued
         for event in events:          # events[i] completes with operation i
             target += 1

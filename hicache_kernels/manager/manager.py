@@ -135,6 +135,9 @@ _NOT_LOADING, _NOT_BACKING_UP = _clear(LOADING), _clear(BACKING_UP)
 # a page can be loaded when its state, masked so, is HOST: a host copy that nothing is
 # filling from storage, and no device copy
 _LOAD_MASK = DEVICE | HOST | FETCHING
+# load()'s check as one byte translation of the rows' states: 0 loadable,
+# 1 loadable once the backup still writing its host copy lands, 2 not loadable
+_LOADABLE = bytes(2 if (s & _LOAD_MASK) != HOST else 1 if s & BACKING_UP else 0 for s in range(256))
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,13 @@ class LoadHandle(_Op):
                  "_page_size")
 
     def __init__(self, op_id, page_ids, rows, host_pages, device_pages, device, page_size):
-        super().__init__(op_id, rows, page_ids, host_pages, device_pages)
+        # _Op's fields set here too: this runs on every load()
+        self.op_id = op_id
+        self.rows = rows
+        self.page_ids = page_ids
+        self.host_pages = host_pages
+        self.device_pages = device_pages
+        self.extra_events: list = []
         self._device = device
         self._events: list = []
         self._host_locked = False
@@ -308,9 +317,11 @@ def _run_transfer(transfer: Transfer, src: torch.Tensor, dst: torch.Tensor, cuda
     transfer(src, dst, stream=stream if cuda else None, check=False)
 
 
-def _run_layer(transfers: list[Transfer], src: torch.Tensor, dst: torch.Tensor, cuda: bool,
-               stream, layer: int) -> None:
-    transfers[layer](src, dst, stream=stream if cuda else None, check=False)
+def _run_load_layer(transfers: list[Transfer], cuda: bool, stream, handle: "LoadHandle",
+                    layer: int) -> None:
+    # indices valid by construction: no bounds check (a sync on GPU)
+    transfers[layer](handle.host_indices, handle.device_indices, stream=stream if cuda else None,
+                     check=False)
 
 
 def _as_list(page_ids: Sequence[Hashable]) -> list | tuple:
@@ -406,6 +417,7 @@ class HiCacheManager:
         self._load_transfers = [Transfer(host, device_pool, layers=l, **opts)
                                 for l in range(self.num_layers)]
         self._backup_transfer = Transfer(device_pool, host, **opts)
+        self._load_layer = partial(_run_load_layer, self._load_transfers, self._cuda)
 
         self._events: list = []
         self._loads: list[LoadHandle] = []       # in flight, in stream order
@@ -605,10 +617,12 @@ class HiCacheManager:
         n = len(rows)
         state = table.state[rows]
         # validate everything before changing anything
-        if np.count_nonzero((state & _LOAD_MASK) != HOST) or not table.distinct(rows):
+        check = state.tobytes().translate(_LOADABLE)
+        if b"\x02" in check or not table.distinct(rows):
             self._refuse_load(ids, rows)
         host_pages = table.host_page[rows]
-        dev_pages = self.device_pages.alloc(n)
+        # locked: the load writes them (a free during the load defers their reuse)
+        dev_pages = self.device_pages.alloc(n, lock=True)
         if dev_pages is None:
             # Making room may evict host pages: keep these out of reach meanwhile.
             self.host_pages.lock(host_pages)
@@ -616,14 +630,16 @@ class HiCacheManager:
                 dev_pages = self._alloc_device_pages(n)
             finally:
                 self.host_pages.unlock(host_pages)
+            self.device_pages.lock(dev_pages)
             state = table.state[rows]   # waiting for transfers may have retired their backups
-        op_id = self._op_id()
+            check = state.tobytes().translate(_LOADABLE)
+        self._next_op = op_id = self._next_op + 1
         handle = LoadHandle(op_id, tuple(ids), rows, host_pages, dev_pages, self.device,
                             self.page_size)
         dev, stream = self.device, self.load_stream
-        busy = state & BACKING_UP
-        if np.count_nonzero(busy):   # the host copy is still arriving: read it only once it has
-            for backup_id in np.unique(table.backup_id[rows[busy != 0]]).tolist():
+        if b"\x01" in check:   # the host copy is still arriving: read it only once it has
+            busy = (state & BACKING_UP) != 0
+            for backup_id in np.unique(table.backup_id[rows[busy]]).tolist():
                 dev.wait(stream, table.ops[backup_id].event)
         if self._rules.load_waits_compute:
             ev = self._event()
@@ -633,7 +649,6 @@ class HiCacheManager:
         if self._rules.host_locked_during_load:
             self.host_pages.lock(host_pages)
             handle._host_locked = True
-        self.device_pages.lock(dev_pages)
         src = torch.from_numpy(self._host_slots.take(host_pages, axis=0).ravel())
         dst = self._to_device(self._device_slots.take(dev_pages, axis=0).ravel(), stream)
         if self._cuda:
@@ -643,15 +658,14 @@ class HiCacheManager:
         handle.host_indices = src
         handle.device_indices = dst
         handle._events = events = self._take_events(self.num_layers)
-        work = partial(_run_layer, self._load_transfers, src, dst, self._cuda)
         if _nvtx_enabled():
             tokens = n * self.page_size
             for layer, ev in enumerate(events):
                 with nvtx_range(f"hicache.load L{layer} n={tokens}"):
-                    dev.launch(stream, partial(work, layer=layer), handle)
+                    dev.launch(stream, partial(self._load_layer, handle=handle, layer=layer), handle)
                     dev.record(ev, stream)
         else:
-            dev.launch_layers(stream, work, events, handle)
+            dev.launch_layers(stream, self._load_layer, handle, events)
         table.device_page[rows] = dev_pages
         table.state[rows] = state | (DEVICE | LOADING)
         table.load_id[rows] = op_id
@@ -732,6 +746,7 @@ class HiCacheManager:
             self.synchronize(storage=True)
         finally:
             self._load_transfers = []
+            self._load_layer = None
             self._backup_transfer = None
             self.host_pool.close()
 

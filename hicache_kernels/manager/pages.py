@@ -105,13 +105,16 @@ class PageAllocator:
     def used_count(self) -> int:
         return self.num_pages - self._top - self.deferred_count
 
-    def alloc(self, n: int) -> np.ndarray | None:
-        """``n`` free pages (int64), or None when fewer are free."""
+    def alloc(self, n: int, *, lock: bool = False) -> np.ndarray | None:
+        """``n`` free pages (int64), or None when fewer are free; ``lock``: also
+        :meth:`lock` them (for the transfer that fills them)."""
         if n > self._top:
             return None
         pages = self._stack[self._top - n:self._top].copy()
         self._top -= n
         self._state[pages] = USED
+        if lock:
+            self._locks[pages] = 1     # a free page holds no locks
         return pages
 
     def free(self, pages: np.ndarray) -> None:
@@ -390,7 +393,7 @@ class PageTable:
         """``n`` fresh increasing LRU stamps (later in a call = more recent)."""
         c = self.clock
         self.clock = c + n
-        return arange(n) + c
+        return np.arange(c, c + n, dtype=np.int64)
 
     def place_device(self, rows: np.ndarray, pages: np.ndarray) -> None:
         """Rows (unique, not on the device) get device pages: the most recently used."""
