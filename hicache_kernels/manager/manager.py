@@ -325,7 +325,12 @@ def _run_load_layer(transfers: list[Transfer], cuda: bool, stream, handle: "Load
 
 
 def _as_list(page_ids: Sequence[Hashable]) -> list | tuple:
-    return page_ids if isinstance(page_ids, (list, tuple)) else list(page_ids)
+    if isinstance(page_ids, (list, tuple)):
+        return page_ids
+    try:
+        return list(page_ids)
+    except TypeError as exc:
+        raise TypeError(f"page_ids: expected a sequence of hashable ids ({exc})") from None
 
 
 class HiCacheManager:
