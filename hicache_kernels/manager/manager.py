@@ -138,6 +138,8 @@ _LOAD_MASK = DEVICE | HOST | FETCHING
 # load()'s check as one byte translation of the rows' states: 0 loadable,
 # 1 loadable once the backup still writing its host copy lands, 2 not loadable
 _LOADABLE = bytes(2 if (s & _LOAD_MASK) != HOST else 1 if s & BACKING_UP else 0 for s in range(256))
+# a state with DEVICE and LOADING set, as a lookup table (a take is cheaper than a ufunc here)
+_ON_LOAD = (np.arange(256) | DEVICE | LOADING).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -179,15 +181,24 @@ class _Op:
     """A transfer in flight: the pages it reads and writes, in order (``rows``:
     their page-table rows, ``page_ids``: their ids)."""
 
-    __slots__ = ("op_id", "rows", "page_ids", "host_pages", "device_pages", "extra_events")
+    __slots__ = ("op_id", "rows", "page_ids", "host_pages", "device_pages", "extra_events",
+                 "removals")
 
-    def __init__(self, op_id, rows, page_ids, host_pages, device_pages):
+    def __init__(self, op_id, rows, page_ids, host_pages, device_pages, removals):
         self.op_id = op_id
         self.rows = rows
         self.page_ids = page_ids
         self.host_pages = host_pages
         self.device_pages = device_pages
         self.extra_events: list = []     # events this op waited on, recycled when it retires
+        self.removals = removals         # the table's removal count when the op started
+
+    def own_rows(self, table: PageTable, op_ids: np.ndarray) -> np.ndarray:
+        """The op's rows that are still its own (``op_ids``: the table's load_id or
+        backup_id column): a row freed meanwhile may belong to another page now."""
+        if table.removals == self.removals:
+            return self.rows            # nothing left the table since the op started
+        return self.rows[op_ids.take(self.rows) == self.op_id]
 
 
 class LoadHandle(_Op):
@@ -204,7 +215,8 @@ class LoadHandle(_Op):
     __slots__ = ("device_indices", "host_indices", "_device", "_events", "_host_locked", "_done",
                  "_page_size")
 
-    def __init__(self, op_id, page_ids, rows, host_pages, device_pages, device, page_size):
+    def __init__(self, op_id, page_ids, rows, host_pages, device_pages, removals, device,
+                 page_size):
         # _Op's fields set here too: this runs on every load()
         self.op_id = op_id
         self.rows = rows
@@ -212,6 +224,7 @@ class LoadHandle(_Op):
         self.host_pages = host_pages
         self.device_pages = device_pages
         self.extra_events: list = []
+        self.removals = removals
         self._device = device
         self._events: list = []
         self._host_locked = False
@@ -266,8 +279,8 @@ class LoadHandle(_Op):
 class _Backup(_Op):
     __slots__ = ("event", "device_locked")
 
-    def __init__(self, op_id, rows, page_ids, host_pages, device_pages):
-        super().__init__(op_id, rows, page_ids, host_pages, device_pages)
+    def __init__(self, op_id, rows, page_ids, host_pages, device_pages, removals):
+        super().__init__(op_id, rows, page_ids, host_pages, device_pages, removals)
         self.event = None
         self.device_locked = False
 
@@ -620,12 +633,12 @@ class HiCacheManager:
         # page table, one call per page for the ids, no Python loop per page.
         table = self.table
         n = len(rows)
-        state = table.state[rows]
+        state = table.state.take(rows)
         # validate everything before changing anything
         check = state.tobytes().translate(_LOADABLE)
         if b"\x02" in check or not table.distinct(rows):
             self._refuse_load(ids, rows)
-        host_pages = table.host_page[rows]
+        host_pages = table.host_page.take(rows)
         # locked: the load writes them (a free during the load defers their reuse)
         dev_pages = self.device_pages.alloc(n, lock=True)
         if dev_pages is None:
@@ -636,11 +649,11 @@ class HiCacheManager:
             finally:
                 self.host_pages.unlock(host_pages)
             self.device_pages.lock(dev_pages)
-            state = table.state[rows]   # waiting for transfers may have retired their backups
+            state = table.state.take(rows)   # waiting for transfers may have retired backups
             check = state.tobytes().translate(_LOADABLE)
         self._next_op = op_id = self._next_op + 1
-        handle = LoadHandle(op_id, tuple(ids), rows, host_pages, dev_pages, self.device,
-                            self.page_size)
+        handle = LoadHandle(op_id, tuple(ids), rows, host_pages, dev_pages, table.removals,
+                            self.device, self.page_size)
         dev, stream = self.device, self.load_stream
         if b"\x01" in check:   # the host copy is still arriving: read it only once it has
             busy = (state & BACKING_UP) != 0
@@ -672,7 +685,7 @@ class HiCacheManager:
         else:
             dev.launch_layers(stream, self._load_layer, handle, events)
         table.device_page[rows] = dev_pages
-        table.state[rows] = state | (DEVICE | LOADING)
+        table.state[rows] = _ON_LOAD.take(state)
         table.load_id[rows] = op_id
         stamps = table.stamps(n)
         table.device_used[rows] = stamps      # newly on the device: most recent
@@ -781,7 +794,8 @@ class HiCacheManager:
         table = self.table
         dev_pages = table.device_page[rows]
         tokens = n * self.page_size
-        op = _Backup(self._op_id(), rows, tuple(table.ids_of(rows)), host_pages, dev_pages)
+        op = _Backup(self._op_id(), rows, tuple(table.ids_of(rows)), host_pages, dev_pages,
+                     table.removals)
         dev, stream = self.device, self.backup_stream
         if self._rules.backup_waits_producer:
             ev = self._event()
@@ -826,8 +840,8 @@ class HiCacheManager:
         if h._host_locked:
             self.host_pages.unlock(h.host_pages)
         self.device_pages.unlock(h.device_pages)
-        table, rows = self.table, h.rows
-        mine = rows[table.load_id[rows] == h.op_id]   # not freed (and reused) meanwhile
+        table = self.table
+        mine = h.own_rows(table, table.load_id)
         table.load_id[mine] = 0
         table.state[mine] &= _NOT_LOADING
         del table.ops[h.op_id]
@@ -842,8 +856,8 @@ class HiCacheManager:
         if op.device_locked:
             self.device_pages.unlock(op.device_pages)
         self.host_pages.unlock(op.host_pages)
-        table, rows = self.table, op.rows
-        done = rows[table.backup_id[rows] == op.op_id]   # not freed (and reused) meanwhile
+        table = self.table
+        done = op.own_rows(table, table.backup_id)
         table.backup_id[done] = 0
         table.state[done] &= _NOT_BACKING_UP
         del table.ops[op.op_id]

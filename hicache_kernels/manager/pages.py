@@ -65,7 +65,7 @@ def _all_distinct(values: np.ndarray, scratch: np.ndarray) -> bool:
         return True
     positions = arange(n)
     scratch[values] = positions
-    return not np.count_nonzero(scratch[values] != positions)
+    return scratch.take(values).tobytes() == positions.tobytes()   # no ufunc: cheaper here
 
 
 class OutOfPages(RuntimeError):
@@ -314,7 +314,10 @@ class PageTable:
         self.index: dict[Hashable, int] = {}
         self.ops: dict[int, object] = {}      # loads and backups in flight, by op id
         self.clock = 0                        # the next LRU stamp
+        self._ramp = np.arange(1 << 16, dtype=np.int64)   # stamps are slices of it
+        self._ramp.flags.writeable = False
         self.hw = 0                           # rows [0, hw) have been handed out
+        self.removals = 0                     # remove_many calls: a row may be reused after one
         self._recycled = np.empty(capacity, dtype=np.intp)
         self._n_recycled = 0
         self._views: dict[int, PageEntry] = {}
@@ -372,6 +375,7 @@ class PageTable:
         """Forget these rows' pages (their slots were released by the caller)."""
         if not len(rows):
             return
+        self.removals += 1
         deque(map(self.index.__delitem__, self.page_ids[rows].tolist()), maxlen=0)
         for name in _RESET:
             getattr(self, name)[rows] = _COLUMNS[name][1]
@@ -390,10 +394,20 @@ class PageTable:
 
     # -- tiers and LRU stamps ---------------------------------------------------------
     def stamps(self, n: int) -> np.ndarray:
-        """``n`` fresh increasing LRU stamps (later in a call = more recent)."""
+        """``n`` fresh increasing LRU stamps (later in a call = more recent), a
+        read-only view. Only their order matters: when the ramp they are cut from
+        runs out, every stamp held shifts down and the clock restarts at 0."""
         c = self.clock
+        if c + n > len(self._ramp):
+            hw = self.hw
+            self.device_used[:hw] -= c
+            self.host_used[:hw] -= c
+            c = 0
+            if n > len(self._ramp):
+                self._ramp = np.arange(2 * n, dtype=np.int64)
+                self._ramp.flags.writeable = False
         self.clock = c + n
-        return np.arange(c, c + n, dtype=np.int64)
+        return self._ramp[c:c + n]
 
     def place_device(self, rows: np.ndarray, pages: np.ndarray) -> None:
         """Rows (unique, not on the device) get device pages: the most recently used."""
