@@ -67,7 +67,7 @@ FLAGS = st.sampled_from([PINNED, LOADING, BACKING_UP, FETCHING])
 @settings(max_examples=300)
 @given(st.lists(st.tuples(OPS, IDS, FLAGS), min_size=20, max_size=60))
 def test_table_victims_follow_the_model(steps):
-    table, model = PageTable(capacity=4), Model()     # small: growing is exercised too
+    table, model = PageTable(capacity=4, ramp=8), Model()   # small: growing and rebasing too
     flags: dict[int, int] = {}                         # page id -> extra state bits
     locked: set[int] = set()                           # page ids whose host page is locked
     next_page = iter(range(10**6))

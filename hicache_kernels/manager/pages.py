@@ -310,11 +310,13 @@ class PageTable:
         ['b', 'c', 'a']
     """
 
-    def __init__(self, capacity: int = 64):
+    def __init__(self, capacity: int = 64, *, ramp: int = 1 << 16):
+        """``capacity``: rows to start with (the table grows); ``ramp``: stamps handed
+        out between two rebases of the LRU stamps (a slice of it per call is cheap)."""
         self.index: dict[Hashable, int] = {}
         self.ops: dict[int, object] = {}      # loads and backups in flight, by op id
         self.clock = 0                        # the next LRU stamp
-        self._ramp = np.arange(1 << 16, dtype=np.int64)   # stamps are slices of it
+        self._ramp = np.arange(ramp, dtype=np.int64)   # stamps are slices of it
         self._ramp.flags.writeable = False
         self.hw = 0                           # rows [0, hw) have been handed out
         self.removals = 0                     # remove_many calls: a row may be reused after one
