@@ -64,8 +64,7 @@ from ..ops import Transfer
 from .device import CudaDevice, Device, EmulatedDevice
 from .host_pool import HostPool, host_pool_slots
 from .pages import (BACKING_UP, DEVICE, FETCHING, HOST, LOADING, PINNED, OutOfPages,
-                    PageAllocator, PageEntry, PageTable)
-from .pages import _clear
+                    PageAllocator, PageEntry, PageTable, clear_mask)
 from .policy import WritePolicy, device_victims, host_victims
 
 __all__ = ["HiCacheConfig", "HiCacheManager", "LoadHandle", "Ack", "Eviction", "PageState",
@@ -131,7 +130,7 @@ _STATES = [PageState(code) for code in range(64)]
 assert (PageState.DEVICE, PageState.HOST, PageState.LOADING, PageState.BACKING_UP,
         PageState.FETCHING, PageState.PINNED) == (DEVICE, HOST, LOADING, BACKING_UP, FETCHING,
                                                   PINNED)
-_NOT_LOADING, _NOT_BACKING_UP = _clear(LOADING), _clear(BACKING_UP)
+_NOT_LOADING, _NOT_BACKING_UP = clear_mask(LOADING), clear_mask(BACKING_UP)
 # a page can be loaded when its state, masked so, is HOST: a host copy that nothing is
 # filling from storage, and no device copy
 _LOAD_MASK = DEVICE | HOST | FETCHING
@@ -521,7 +520,7 @@ class HiCacheManager:
             raise ValueError(f"page_ids: {ids[int(np.flatnonzero(short)[0])]!r} is not pinned")
         np.subtract.at(table.pins, rows, 1)
         unpinned = rows[table.pins[rows] == 0]
-        table.state[unpinned] &= _clear(PINNED)
+        table.state[unpinned] &= clear_mask(PINNED)
 
     # -- queries ---------------------------------------------------------------------
     def lookup(self, page_ids: Sequence[Hashable]) -> list[PageState]:

@@ -28,7 +28,7 @@ from typing import Hashable, Iterator
 import numpy as np
 
 __all__ = ["PageAllocator", "PageEntry", "PageTable", "OutOfPages",
-           "DEVICE", "HOST", "LOADING", "BACKING_UP", "FETCHING", "PINNED"]
+           "DEVICE", "HOST", "LOADING", "BACKING_UP", "FETCHING", "PINNED", "clear_mask"]
 
 FREE, USED, DEFERRED = 0, 1, 2
 
@@ -36,15 +36,16 @@ FREE, USED, DEFERRED = 0, 1, 2
 DEVICE, HOST, LOADING, BACKING_UP, FETCHING, PINNED = 1, 2, 4, 8, 16, 32
 
 
-def _clear(bits: int) -> np.uint8:
+def clear_mask(bits: int) -> np.uint8:
     """A uint8 mask that clears ``bits`` (numpy refuses a negative Python int here)."""
     return np.uint8(~bits & 0xFF)
 
 
 _ARANGE = np.arange(1024, dtype=np.intp)
+_ARANGE.flags.writeable = False
 
 
-def arange(n: int) -> np.ndarray:
+def _arange(n: int) -> np.ndarray:
     """``np.arange(n)`` from a shared read-only cache (hot paths call this per operation)."""
     global _ARANGE
     if n > len(_ARANGE):
@@ -53,17 +54,13 @@ def arange(n: int) -> np.ndarray:
     return _ARANGE[:n]
 
 
-_ARANGE.flags.writeable = False
-_EMPTY = np.empty(0, dtype=np.intp)
-
-
 def _all_distinct(values: np.ndarray, scratch: np.ndarray) -> bool:
     """Whether ``values`` (indices into ``scratch``) has no repeats: write each
     position at its value and read it back; a repeat reads another position."""
     n = len(values)
     if n < 2:
         return True
-    positions = arange(n)
+    positions = _arange(n)
     scratch[values] = positions
     return scratch.take(values).tobytes() == positions.tobytes()   # no ufunc: cheaper here
 
@@ -224,7 +221,7 @@ class PageEntry:
             t, i = self._table, self._idx
             t.fill_op[i] = op
             if op is None:
-                t.state[i] &= _clear(FETCHING)
+                t.state[i] &= clear_mask(FETCHING)
             else:
                 t.state[i] |= FETCHING
 
@@ -367,7 +364,7 @@ class PageTable:
         rows = np.empty(n, dtype=np.intp)
         rows[:k] = self._recycled[self._n_recycled - k:self._n_recycled]
         self._n_recycled -= k
-        rows[k:] = arange(fresh) + self.hw
+        rows[k:] = _arange(fresh) + self.hw
         self.hw += fresh
         self.index.update(zip(page_ids, rows.tolist()))
         self.page_ids[rows] = np.fromiter(page_ids, object, n)
@@ -425,11 +422,11 @@ class PageTable:
 
     def clear_device(self, rows: np.ndarray) -> None:
         self.device_page[rows] = -1
-        self.state[rows] &= _clear(DEVICE)
+        self.state[rows] &= clear_mask(DEVICE)
 
     def clear_host(self, rows: np.ndarray) -> None:
         self.host_page[rows] = -1
-        self.state[rows] &= _clear(HOST)
+        self.state[rows] &= clear_mask(HOST)
 
     def touch_rows(self, rows: np.ndarray) -> None:
         """Mark unique rows most recently used, in order, on the tiers they live on.
