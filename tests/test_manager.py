@@ -531,3 +531,35 @@ def test_page_size_option_on_a_per_layer_pool(gen):
         HiCacheManager(pool, page_size=0, host_reserve_gb=0)
     with pytest.raises(ValueError, match="larger than the device pool"):
         HiCacheManager(pool, page_size=64, host_reserve_gb=0)
+
+
+def test_a_row_reused_while_its_old_transfer_is_in_flight_keeps_its_own_state(gen):
+    """A page freed during its load (or backup) leaves the table; a new page may take
+    its row, and start its own load (backup), before the old one retires. Retiring the
+    old transfer must leave the new page's LOADING (BACKING_UP) mark alone."""
+    mgr, dev = make(defer=True, pages=4)
+    _page_on_host(mgr, dev, ["a"], gen)
+    h = mgr.load(["a"])
+    row = mgr.table.index["a"]
+    mgr.free(["a"])
+    mgr.alloc_host(["c"])
+    assert mgr.table.index["c"] == row                       # c took a's row
+    mgr.load(["c"])
+    while not h.query():                                     # only a's load runs
+        assert dev.step(mgr.load_stream)
+    assert [(a.kind, a.page_ids) for a in mgr.poll()] == [("load", ("a",))]
+    assert mgr.lookup(["c"]) == [PageState.DEVICE | PageState.HOST | PageState.LOADING]
+
+    write_pages(mgr, ["x"], gen)
+    mgr.backup(["x"])
+    row = mgr.table.index["x"]
+    mgr.free(["x"])
+    write_pages(mgr, ["y"], gen)
+    assert mgr.table.index["y"] == row                       # y took x's row
+    mgr.backup(["y"])
+    assert dev.step(mgr.backup_stream)                       # only x's backup runs
+    assert [(a.kind, a.page_ids) for a in mgr.poll()] == [("backup", ("x",))]
+    assert mgr.lookup(["y"]) == [PageState.DEVICE | PageState.HOST | PageState.BACKING_UP]
+    dev.run_all()
+    mgr.poll()
+    assert mgr.lookup(["c", "y"]) == [PageState.DEVICE | PageState.HOST] * 2

@@ -97,8 +97,8 @@ def test_emulated_deadlock_is_reported():
     dev.launch(b, lambda s: None)
     dev.record(eb, b)
     # a cycle: a waits for b's op, b waits for a's op, both queued before them
-    a.ops.appendleft((None, None, (b, 1)))
-    b.ops.appendleft((None, None, (a, 1)))
+    a.ops.appendleft((None, (), None, (b, 1)))
+    b.ops.appendleft((None, (), None, (a, 1)))
     with pytest.raises(RuntimeError, match="deadlock"):
         dev.synchronize(ea)
 

@@ -367,13 +367,14 @@ class ManagerMachine(RuleBasedStateMachine):
             kind = type(op).__name__
             for tier, pages, alloc in (("host", op.host_pages, mgr.host_pages),
                                        ("device", op.device_pages, mgr.device_pages)):
-                for e, page in zip(op.entries, pages.tolist()):
+                # the machine never reuses a page id: the same id is the same page
+                for page_id, page in zip(op.page_ids, pages.tolist()):
                     assert alloc.state(page) != "free", (
                         f"{tier} page {page} is free while {kind} op {op.op_id} still uses it")
                     holder = owner[tier].get(page)
-                    assert holder is None or holder is e, (
+                    assert holder is None or holder.page_id == page_id, (
                         f"{tier} page {page} was reused by page {holder.page_id} while {kind} op "
-                        f"{op.op_id} of page {e.page_id} still uses it")
+                        f"{op.op_id} of page {page_id} still uses it")
 
     @invariant()
     def bytes_where_the_table_says(self):

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, Callable
+from itertools import repeat
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -35,6 +36,8 @@ __all__ = ["Device", "CudaDevice", "EmulatedDevice", "EmulatedStream", "Emulated
 
 # fn(stream) runs the work on ``stream`` (the manager's closures call a prepared Transfer).
 Work = Callable[[Any], None]
+# fn(stream, op, layer) runs one layer of the layer-wise transfer ``op`` on ``stream``.
+LayerWork = Callable[[Any, Any, int], None]
 
 
 class Device:
@@ -70,6 +73,14 @@ class Device:
     def launch(self, stream, work: Work, tag: Any = None) -> None:
         """Run ``work(stream)`` on ``stream``. ``tag`` describes it to the emulation's tests."""
         raise NotImplementedError
+
+    def launch_layers(self, stream, work: LayerWork, op: Any, events: Sequence) -> None:
+        """Run ``work(stream, op, i)`` on ``stream`` for each ``i`` in order, recording
+        ``events[i]`` right after layer ``i`` (one call for a load's per-layer loop;
+        ``op`` is also the tag, as in :meth:`launch`)."""
+        for layer, event in enumerate(events):
+            self.launch(stream, lambda s, layer=layer: work(s, op, layer), op)
+            self.record(event, stream)
 
     def priority_range(self) -> tuple[int, int]:
         """(lowest, highest) stream priority; CUDA counts down, so highest is the smaller."""
@@ -110,6 +121,11 @@ class CudaDevice(Device):
     def launch(self, stream, work: Work, tag: Any = None) -> None:
         work(stream)
 
+    def launch_layers(self, stream, work: LayerWork, op: Any, events: Sequence) -> None:
+        for layer, event in enumerate(events):
+            work(stream, op, layer)
+            event.record(stream)
+
     def priority_range(self) -> tuple[int, int]:
         # through an instance: static in some torch versions, a method in others
         return tuple(torch.cuda.current_stream(self.device).priority_range())
@@ -123,7 +139,7 @@ class EmulatedStream:
     def __init__(self, name: str, priority: int = 0):
         self.name = name
         self.priority = priority
-        self.ops: deque = deque()   # (work | None, tag, wait_target | None)
+        self.ops: deque = deque()   # (work | None, args, tag, wait_target | None)
         self.issued = 0             # operations ever enqueued
         self.completed = 0          # operations finished
 
@@ -202,20 +218,34 @@ class EmulatedDevice(Device):
     def launch(self, stream: EmulatedStream, work: Work, tag: Any = None) -> None:
         self._enqueue(stream, work, tag, None)
 
+    def launch_layers(self, stream: EmulatedStream, work: LayerWork, op: Any,
+                      events: Sequence) -> None:
+        n = len(events)
+        stream.ops.extend(zip(repeat(work, n), zip(repeat(op, n), range(n)), repeat(op, n),
+                              repeat(None, n)))
+        target = stream.issued
+        for event in events:          # events[i] completes with operation i
+            target += 1
+            event.stream = stream
+            event.target = target
+        stream.issued = target
+        if not self.defer:
+            self.run_all()
+
     # -- stepping (tests) ------------------------------------------------------------
     def runnable(self, stream: EmulatedStream) -> bool:
         if not stream.ops:
             return False
-        wait_for = stream.ops[0][2]
+        wait_for = stream.ops[0][3]
         return wait_for is None or wait_for[0].completed >= wait_for[1]
 
     def step(self, stream: EmulatedStream) -> bool:
         """Run the next operation of ``stream`` if its waits allow; return whether one ran."""
         if not self.runnable(stream):
             return False
-        work, _tag, _wait = stream.ops.popleft()
+        work, args, _tag, _wait = stream.ops.popleft()
         if work is not None and self.execute:
-            work(stream)
+            work(stream, *args)
         stream.completed += 1
         return True
 
@@ -227,7 +257,7 @@ class EmulatedDevice(Device):
 
     def pending(self) -> list[tuple[str, Any]]:
         """(stream name, tag) of each queued launch, oldest first per stream."""
-        return [(s.name, op[1]) for s in self.streams for op in s.ops if op[0] is not None]
+        return [(s.name, op[2]) for s in self.streams for op in s.ops if op[0] is not None]
 
     def describe(self) -> str:
         return ", ".join(f"{s.name}: {len(s.ops)} queued" for s in self.streams)
@@ -235,7 +265,7 @@ class EmulatedDevice(Device):
     # -- internals -------------------------------------------------------------------
     def _enqueue(self, stream, work, tag, wait_for) -> None:
         stream.issued += 1
-        stream.ops.append((work, tag, wait_for))
+        stream.ops.append((work, (), tag, wait_for))
         if not self.defer:
             self.run_all()
 

@@ -51,7 +51,7 @@ import logging
 import time
 from dataclasses import dataclass, fields
 from functools import partial
-from itertools import islice
+from itertools import repeat
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
@@ -63,7 +63,8 @@ from ..nvtx_ranges import enabled as _nvtx_enabled, nvtx_range
 from ..ops import Transfer
 from .device import CudaDevice, Device, EmulatedDevice
 from .host_pool import HostPool, host_pool_slots
-from .pages import OutOfPages, PageAllocator, PageEntry, PageTable
+from .pages import (BACKING_UP, DEVICE, FETCHING, HOST, LOADING, PINNED, OutOfPages,
+                    PageAllocator, PageEntry, PageTable, clear_mask)
 from .policy import WritePolicy, device_victims, host_victims
 
 __all__ = ["HiCacheConfig", "HiCacheManager", "LoadHandle", "Ack", "Eviction", "PageState",
@@ -124,6 +125,22 @@ class PageState(enum.IntFlag):
     PINNED = 32         # pinned by the caller: never evicted from the device
 
 
+# the table's state bits are PageState's values: lookup() maps each code through this list
+_STATES = [PageState(code) for code in range(64)]
+assert (PageState.DEVICE, PageState.HOST, PageState.LOADING, PageState.BACKING_UP,
+        PageState.FETCHING, PageState.PINNED) == (DEVICE, HOST, LOADING, BACKING_UP, FETCHING,
+                                                  PINNED)
+_NOT_LOADING, _NOT_BACKING_UP = clear_mask(LOADING), clear_mask(BACKING_UP)
+# a page can be loaded when its state, masked so, is HOST: a host copy that nothing is
+# filling from storage, and no device copy
+_LOAD_MASK = DEVICE | HOST | FETCHING
+# load()'s check as one byte translation of the rows' states: 0 loadable,
+# 1 loadable once the backup still writing its host copy lands, 2 not loadable
+_LOADABLE = bytes(2 if (s & _LOAD_MASK) != HOST else 1 if s & BACKING_UP else 0 for s in range(256))
+# a state with DEVICE and LOADING set, as a lookup table (a take is cheaper than a ufunc here)
+_ON_LOAD = (np.arange(256) | DEVICE | LOADING).astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class Ack:
     """A finished transfer reported by :meth:`HiCacheManager.poll`.
@@ -161,16 +178,27 @@ class _Rules:
 
 
 class _Op:
-    """A transfer in flight: the pages it reads and writes, in entry order."""
+    """A transfer in flight: the pages it reads and writes, in order (``rows``:
+    their page-table rows, ``page_ids``: their ids)."""
 
-    __slots__ = ("op_id", "entries", "host_pages", "device_pages", "extra_events")
+    __slots__ = ("op_id", "rows", "page_ids", "host_pages", "device_pages", "extra_events",
+                 "removals")
 
-    def __init__(self, op_id, entries, host_pages, device_pages):
+    def __init__(self, op_id, rows, page_ids, host_pages, device_pages, removals):
         self.op_id = op_id
-        self.entries = entries
+        self.rows = rows
+        self.page_ids = page_ids
         self.host_pages = host_pages
         self.device_pages = device_pages
         self.extra_events: list = []     # events this op waited on, recycled when it retires
+        self.removals = removals         # the table's removal count when the op started
+
+    def own_rows(self, table: PageTable, op_ids: np.ndarray) -> np.ndarray:
+        """The op's rows that are still its own (``op_ids``: the table's load_id or
+        backup_id column): a row freed meanwhile may belong to another page now."""
+        if table.removals == self.removals:
+            return self.rows            # nothing left the table since the op started
+        return self.rows[op_ids.take(self.rows) == self.op_id]
 
 
 class LoadHandle(_Op):
@@ -184,12 +212,19 @@ class LoadHandle(_Op):
         host_indices: the token slots read from the host pool (CPU).
     """
 
-    __slots__ = ("page_ids", "device_indices", "host_indices", "_device", "_events",
-                 "_host_locked", "_done", "_page_size")
+    __slots__ = ("device_indices", "host_indices", "_device", "_events", "_host_locked", "_done",
+                 "_page_size")
 
-    def __init__(self, op_id, page_ids, entries, host_pages, device_pages, device, page_size):
-        super().__init__(op_id, entries, host_pages, device_pages)
+    def __init__(self, op_id, page_ids, rows, host_pages, device_pages, removals, device,
+                 page_size):
+        # _Op's fields set here too: this runs on every load()
+        self.op_id = op_id
+        self.rows = rows
         self.page_ids = page_ids
+        self.host_pages = host_pages
+        self.device_pages = device_pages
+        self.extra_events: list = []
+        self.removals = removals
         self._device = device
         self._events: list = []
         self._host_locked = False
@@ -244,8 +279,8 @@ class LoadHandle(_Op):
 class _Backup(_Op):
     __slots__ = ("event", "device_locked")
 
-    def __init__(self, op_id, entries, host_pages, device_pages):
-        super().__init__(op_id, entries, host_pages, device_pages)
+    def __init__(self, op_id, rows, page_ids, host_pages, device_pages, removals):
+        super().__init__(op_id, rows, page_ids, host_pages, device_pages, removals)
         self.event = None
         self.device_locked = False
 
@@ -294,6 +329,22 @@ def _run_transfer(transfer: Transfer, src: torch.Tensor, dst: torch.Tensor, cuda
                   stream) -> None:
     # The manager's indices are valid by construction: skip the bounds check (a sync on GPU).
     transfer(src, dst, stream=stream if cuda else None, check=False)
+
+
+def _run_load_layer(transfers: list[Transfer], cuda: bool, stream, handle: "LoadHandle",
+                    layer: int) -> None:
+    # indices valid by construction: no bounds check (a sync on GPU)
+    transfers[layer](handle.host_indices, handle.device_indices, stream=stream if cuda else None,
+                     check=False)
+
+
+def _as_list(page_ids: Sequence[Hashable]) -> list | tuple:
+    if isinstance(page_ids, (list, tuple)):
+        return page_ids
+    try:
+        return list(page_ids)
+    except TypeError as exc:
+        raise TypeError(f"page_ids: expected a sequence of hashable ids ({exc})") from None
 
 
 class HiCacheManager:
@@ -391,6 +442,7 @@ class HiCacheManager:
         self._load_transfers = [Transfer(host, device_pool, layers=l, **opts)
                                 for l in range(self.num_layers)]
         self._backup_transfer = Transfer(device_pool, host, **opts)
+        self._load_layer = partial(_run_load_layer, self._load_transfers, self._cuda)
 
         self._events: list = []
         self._loads: list[LoadHandle] = []       # in flight, in stream order
@@ -427,9 +479,9 @@ class HiCacheManager:
         ids = self._new_ids(page_ids, "page_ids")
         with self._mark("alloc_device", len(ids) * self.page_size):
             pages = self._alloc_device_pages(len(ids))
-            for page_id, page in zip(ids, pages.tolist()):
-                self.table.set_device(self.table.add(page_id), page)
-            return self._to_device(self._device_slots[pages].ravel(), self.compute_stream)
+            self.table.place_device(self.table.add_many(ids), pages)
+            return self._to_device(self._device_slots.take(pages, axis=0).ravel(),
+                                   self.compute_stream)
 
     def alloc_host(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
         """Give new pages host slots to fill directly (e.g. from another store).
@@ -443,63 +495,59 @@ class HiCacheManager:
             if pages is None:
                 raise OutOfPages(f"host pool: no {len(ids)} pages can be freed "
                                  f"({self.host_pages.free_count} free)")
-            for page_id, page in zip(ids, pages.tolist()):
-                self.table.set_host(self.table.add(page_id), page)
-            return torch.from_numpy(self._host_slots[pages].ravel())
+            self.table.place_host(self.table.add_many(ids), pages)
+            return torch.from_numpy(self._host_slots.take(pages, axis=0).ravel())
 
     def free(self, page_ids: Sequence[Hashable]) -> None:
         """Forget pages on every tier. Slots a transfer still uses are reused only after it."""
-        entries = self._entries(page_ids, distinct=True)
-        for e in entries:
-            if e.pins:
-                raise ValueError(f"page_ids: {e.page_id!r} is pinned ({e.pins}); unpin it first")
-        with self._mark("free", len(entries) * self.page_size):
-            self._release(entries, remove=True)
+        ids, rows = self._rows(page_ids, distinct=True)
+        pins = self.table.pins[rows]
+        if np.count_nonzero(pins):
+            i = int(np.flatnonzero(pins)[0])
+            raise ValueError(f"page_ids: {ids[i]!r} is pinned ({pins[i]}); unpin it first")
+        with self._mark("free", len(rows) * self.page_size):
+            self._release_rows(rows, remove=True)
 
     def pin(self, page_ids: Sequence[Hashable]) -> None:
         """Keep pages on the device (a request is using them); counted."""
-        for e in self._entries(page_ids):
-            e.pins += 1
+        _, rows = self._rows(page_ids)
+        table = self.table
+        np.add.at(table.pins, rows, 1)     # a repeated id pins twice
+        table.state[rows] |= PINNED
 
     def unpin(self, page_ids: Sequence[Hashable]) -> None:
-        for e in self._entries(page_ids):
-            if e.pins == 0:
-                raise ValueError(f"page_ids: {e.page_id!r} is not pinned")
-            e.pins -= 1
+        ids, rows = self._rows(page_ids)
+        table = self.table
+        # each mention unpins once; refuse before changing anything
+        if table.distinct(rows):
+            short = table.pins[rows] < 1
+        else:
+            _, inverse, mentions = np.unique(rows, return_inverse=True, return_counts=True)
+            short = table.pins[rows] < mentions[inverse]
+        if np.count_nonzero(short):
+            raise ValueError(f"page_ids: {ids[int(np.flatnonzero(short)[0])]!r} is not pinned")
+        np.subtract.at(table.pins, rows, 1)
+        unpinned = rows[table.pins[rows] == 0]
+        table.state[unpinned] &= clear_mask(PINNED)
 
     # -- queries ---------------------------------------------------------------------
     def lookup(self, page_ids: Sequence[Hashable]) -> list[PageState]:
         """Each page's :class:`PageState` (``ABSENT`` when unknown), as of the last
         :meth:`poll`: a finished transfer shows as in flight until polled."""
-        out = []
-        get = self.table.entries.get
-        for page_id in page_ids:
-            e = get(page_id)
-            if e is None:
-                out.append(PageState.ABSENT)
-                continue
-            s = PageState.ABSENT
-            if e.device_page >= 0:
-                s |= PageState.DEVICE | (PageState.LOADING if e.load is not None else 0)
-            if e.host_page >= 0:
-                s |= PageState.HOST
-                if e.backup is not None:
-                    s |= PageState.BACKING_UP
-                if e.fill is not None:
-                    s |= PageState.FETCHING
-            if e.pins:
-                s |= PageState.PINNED
-            out.append(s)
-        return out
+        ids = _as_list(page_ids)
+        rows = np.fromiter(map(self.table.index.get, ids, repeat(-1)), np.intp, len(ids))
+        codes = self.table.state[rows]
+        codes[rows < 0] = 0
+        return list(map(_STATES.__getitem__, codes.tolist()))
 
     def device_indices(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
         """Token slots on the device of pages that have a device copy."""
-        pages = self._pages(page_ids, "device_page")
-        return self._to_device(self._device_slots[pages].ravel(), self.compute_stream)
+        pages = self._pages(page_ids, "device")
+        return self._to_device(self._device_slots.take(pages, axis=0).ravel(), self.compute_stream)
 
     def host_indices(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
         """Token slots (CPU) in the host pool of pages that have a host copy."""
-        return torch.from_numpy(self._host_slots[self._pages(page_ids, "host_page")].ravel())
+        return torch.from_numpy(self._host_slots.take(self._pages(page_ids, "host"), axis=0).ravel())
 
     # -- policies ------------------------------------------------------------------------
     def hit(self, page_ids: Sequence[Hashable], *, producer=None) -> int | None:
@@ -509,17 +557,17 @@ class HiCacheManager:
 
         ``producer``: the stream that wrote the pages' KV (default: compute stream).
         """
-        entries = list(dict.fromkeys(self._entries(page_ids)))   # a hit counts once
+        _, rows = self._rows(page_ids)
         table = self.table
+        if not table.distinct(rows):   # a hit counts once, in the order first named
+            rows = rows[np.sort(np.unique(rows, return_index=True)[1])]
+        table.hits[rows] += 1
+        table.touch_rows(rows)
         threshold = self._threshold
-        due = []
-        for e in entries:
-            e.hits += 1
-            table.touch(e)
-            if threshold is not None and e.hits >= threshold and e.host_page < 0 \
-                    and e.device_page >= 0:
-                due.append(e)
-        if not due:
+        if threshold is None:
+            return None
+        due = rows[(table.hits[rows] >= threshold) & ((table.state[rows] & (DEVICE | HOST)) == DEVICE)]
+        if not len(due):
             return None
         with self._mark("hit", len(due) * self.page_size):
             op = self._backup(due, producer, why=f"{self.policy.value} hit")
@@ -528,16 +576,19 @@ class HiCacheManager:
     def backup(self, page_ids: Sequence[Hashable], *, producer=None) -> int | None:
         """Back up device pages that have no host copy yet, whatever the policy.
         Returns the op id (acked by :meth:`poll`), None if all were on host already."""
-        entries = [e for e in self._entries(page_ids, distinct=True) if e.host_page < 0]
-        for e in entries:
-            if e.device_page < 0:
-                raise ValueError(f"page_ids: {e.page_id!r} has no device copy to back up")
-        if not entries:
+        _, rows = self._rows(page_ids, distinct=True)
+        table = self.table
+        rows = rows[table.host_page[rows] < 0]
+        off_device = rows[table.device_page[rows] < 0]
+        if len(off_device):
+            raise ValueError(f"page_ids: {table.page_ids[off_device[0]]!r} has no device copy "
+                             f"to back up")
+        if not len(rows):
             return None
-        with self._mark("backup", len(entries) * self.page_size):
-            op = self._backup(entries, producer, why="asked")
+        with self._mark("backup", len(rows) * self.page_size):
+            op = self._backup(rows, producer, why="asked")
         if op is None:
-            raise OutOfPages(f"host pool: no {len(entries)} pages can be freed for the backup")
+            raise OutOfPages(f"host pool: no {len(rows)} pages can be freed for the backup")
         return op.op_id
 
     # -- eviction ------------------------------------------------------------------------
@@ -548,23 +599,25 @@ class HiCacheManager:
         write_back (their slots are released when the copy completes) and
         dropped under the write-through policies. Returns the evicted ids."""
         if page_ids is not None:
-            entries = self._entries(page_ids, distinct=True)
-            for e in entries:
-                if e.device_page < 0 or e.load is not None or e.pins:
-                    raise ValueError(
-                        f"page_ids: {e.page_id!r} cannot leave the device "
-                        f"({'not on it' if e.device_page < 0 else 'loading' if e.load else 'pinned'})")
+            ids, rows = self._rows(page_ids, distinct=True)
+            state = self.table.state[rows]
+            stuck = (state & (DEVICE | LOADING | PINNED)) != DEVICE
+            if np.count_nonzero(stuck):
+                i = int(np.flatnonzero(stuck)[0])
+                why = "not on it" if not state[i] & DEVICE else \
+                    "loading" if state[i] & LOADING else "pinned"
+                raise ValueError(f"page_ids: {ids[i]!r} cannot leave the device ({why})")
         else:
-            entries = list(islice(device_victims(self.table), num_pages))
-        with self._mark("evict_device", len(entries) * self.page_size):
-            return self._evict_device(entries)
+            rows = device_victims(self.table, num_pages)
+        with self._mark("evict_device", len(rows) * self.page_size):
+            return self._evict_device(rows)
 
     def evict_host(self, num_pages: int) -> list:
         """Drop the ``num_pages`` least recently used host copies that no transfer
         holds (pages with no device copy first). Returns the evicted ids."""
-        entries = list(islice(host_victims(self.table, self.host_pages.is_locked), num_pages))
-        with self._mark("evict_host", len(entries) * self.page_size):
-            return self._evict_host(entries)
+        rows = host_victims(self.table, self.host_pages.locked, num_pages)
+        with self._mark("evict_host", len(rows) * self.page_size):
+            return self._evict_host(rows)
 
     # -- loading ---------------------------------------------------------------------------
     def load(self, page_ids: Sequence[Hashable]) -> LoadHandle:
@@ -574,67 +627,81 @@ class HiCacheManager:
         ``layer``; ``handle.device_indices`` are where the pages land. The CPU
         never blocks (unless the device pool must wait for a write-back copy).
         """
-        entries = self._entries(page_ids)
-        n = len(entries)
-        if n == 0:
+        ids, rows = self._rows(page_ids)
+        if not len(rows):
             raise ValueError("page_ids: expected at least one page to load")
-        tokens = n * self.page_size
-        with self._mark("load", tokens):
-            # validate everything before changing anything (one pass when all is well)
-            host_list = [e.host_page for e in entries if e.device_page < 0 and e.fill is None]
-            if len(host_list) != n or min(host_list) < 0 or len(set(host_list)) != n:
-                self._refuse_load(entries)
-            busy = [e.backup for e in entries if e.backup is not None]
-            host_pages = np.array(host_list, dtype=np.int64)
-            dev_pages = self.device_pages.alloc(n)
-            if dev_pages is None:
-                # Making room may evict host pages: keep these out of reach meanwhile.
-                self.host_pages.lock(host_pages)
-                try:
-                    dev_pages = self._alloc_device_pages(n)
-                finally:
-                    self.host_pages.unlock(host_pages)
-            handle = LoadHandle(self._op_id(), tuple(page_ids), entries, host_pages, dev_pages,
-                                self.device, self.page_size)
-            dev, stream = self.device, self.load_stream
-            if busy:   # the host copy is still arriving: read it only once it has
-                for op in {id(o): o for o in busy}.values():
-                    dev.wait(stream, op.event)
-            if self._rules.load_waits_compute:
-                ev = self._event()
-                dev.record(ev, self.compute_stream)
-                dev.wait(stream, ev)
-                handle.extra_events.append(ev)
-            if self._rules.host_locked_during_load:
-                self.host_pages.lock(host_pages)
-                handle._host_locked = True
+        if _nvtx_enabled():
+            with nvtx_range(f"hicache.load n={len(rows) * self.page_size}"):
+                return self._load(ids, rows)
+        return self._load(ids, rows)
+
+    def _load(self, ids: list | tuple, rows: np.ndarray) -> LoadHandle:
+        # This is the serving loop's hot path: a few vector operations on the
+        # page table, one call per page for the ids, no Python loop per page.
+        table = self.table
+        n = len(rows)
+        state = table.state.take(rows)
+        # validate everything before changing anything
+        check = state.tobytes().translate(_LOADABLE)
+        if b"\x02" in check or not table.distinct(rows):
+            self._refuse_load(ids, rows)
+        host_pages = table.host_page.take(rows)
+        # locked: the load writes them (a free during the load defers their reuse)
+        dev_pages = self.device_pages.alloc(n, lock=True)
+        if dev_pages is None:
+            # Making room may evict host pages: keep these out of reach meanwhile.
+            self.host_pages.lock(host_pages)
+            try:
+                dev_pages = self._alloc_device_pages(n)
+            finally:
+                self.host_pages.unlock(host_pages)
             self.device_pages.lock(dev_pages)
-            src = torch.from_numpy(np.take(self._host_slots, host_pages, axis=0).ravel())
-            dst = self._to_device(np.take(self._device_slots, dev_pages, axis=0).ravel(), stream)
-            if self._cuda:
-                src = self._to_device(src.numpy(), stream)
-                # the model reads dst on its stream: keep the allocator from reusing it early
-                dst.record_stream(self.compute_stream)
-            handle.host_indices = src
-            handle.device_indices = dst
-            events = handle._events
-            cuda, launch, record, mark = self._cuda, dev.launch, dev.record, self._mark
-            for layer, t in enumerate(self._load_transfers):
-                with mark("load", tokens, layer):
-                    launch(stream, partial(_run_transfer, t, src, dst, cuda), handle)
-                    ev = self._event()
-                    record(ev, stream)
-                    events.append(ev)
-            device_lru, touch_host = self.table.device_lru, self.table.host_lru.move_to_end
-            for e, page in zip(entries, dev_pages.tolist()):
-                e.device_page = page
-                e.load = handle
-                device_lru[e] = None       # newly on the device: most recent
-                touch_host(e)
-            self._loads.append(handle)
+            state = table.state.take(rows)   # waiting for transfers may have retired backups
+            check = state.tobytes().translate(_LOADABLE)
+        self._next_op = op_id = self._next_op + 1
+        handle = LoadHandle(op_id, tuple(ids), rows, host_pages, dev_pages, table.removals,
+                            self.device, self.page_size)
+        dev, stream = self.device, self.load_stream
+        if b"\x01" in check:   # the host copy is still arriving: read it only once it has
+            busy = (state & BACKING_UP) != 0
+            for backup_id in np.unique(table.backup_id[rows[busy]]).tolist():
+                dev.wait(stream, table.ops[backup_id].event)
+        if self._rules.load_waits_compute:
+            ev = self._event()
+            dev.record(ev, self.compute_stream)
+            dev.wait(stream, ev)
+            handle.extra_events.append(ev)
+        if self._rules.host_locked_during_load:
+            self.host_pages.lock(host_pages)
+            handle._host_locked = True
+        src = torch.from_numpy(self._host_slots.take(host_pages, axis=0).ravel())
+        dst = self._to_device(self._device_slots.take(dev_pages, axis=0).ravel(), stream)
+        if self._cuda:
+            src = self._to_device(src.numpy(), stream)
+            # the model reads dst on its stream: keep the allocator from reusing it early
+            dst.record_stream(self.compute_stream)
+        handle.host_indices = src
+        handle.device_indices = dst
+        handle._events = events = self._take_events(self.num_layers)
+        if _nvtx_enabled():
+            tokens = n * self.page_size
+            for layer, ev in enumerate(events):
+                with nvtx_range(f"hicache.load L{layer} n={tokens}"):
+                    dev.launch(stream, partial(self._load_layer, handle=handle, layer=layer), handle)
+                    dev.record(ev, stream)
+        else:
+            dev.launch_layers(stream, self._load_layer, handle, events)
+        table.device_page[rows] = dev_pages
+        table.state[rows] = _ON_LOAD.take(state)
+        table.load_id[rows] = op_id
+        stamps = table.stamps(n)
+        table.device_used[rows] = stamps      # newly on the device: most recent
+        table.host_used[rows] = stamps        # and touched on host
+        table.ops[op_id] = handle
+        self._loads.append(handle)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("load op %d: %d pages (%d tokens) host->device, %d layers",
-                      handle.op_id, n, tokens, self.num_layers)
+                      handle.op_id, n, n * self.page_size, self.num_layers)
         return handle
 
     def prefetch(self, page_ids: Sequence[Hashable]) -> tuple:
@@ -736,6 +803,7 @@ class HiCacheManager:
                     detach()
             finally:
                 self._load_transfers = []
+                self._load_layer = None
                 self._backup_transfer = None
                 self.host_pool.close()
 
@@ -760,16 +828,18 @@ class HiCacheManager:
         return out
 
     # -- internals: transfers -----------------------------------------------------------------
-    def _backup(self, entries: list[PageEntry], producer, *, why: str) -> _Backup | None:
-        """Back up device pages with no host copy; None if the host pool is full."""
-        n = len(entries)
+    def _backup(self, rows: np.ndarray, producer, *, why: str) -> _Backup | None:
+        """Back up device pages (unique rows) with no host copy; None if the host pool is full."""
+        n = len(rows)
         host_pages = self._alloc_host_pages(n)
         if host_pages is None:
             log.debug("backup of %d pages skipped: host pool full of pages in use", n)
             return None
-        dev_pages = np.array([e.device_page for e in entries], dtype=np.int64)
+        table = self.table
+        dev_pages = table.device_page[rows]
         tokens = n * self.page_size
-        op = _Backup(self._op_id(), entries, host_pages, dev_pages)
+        op = _Backup(self._op_id(), rows, tuple(table.ids_of(rows)), host_pages, dev_pages,
+                     table.removals)
         dev, stream = self.device, self.backup_stream
         if self._rules.backup_waits_producer:
             ev = self._event()
@@ -780,8 +850,8 @@ class HiCacheManager:
             self.device_pages.lock(dev_pages)
             op.device_locked = True
         self.host_pages.lock(host_pages)
-        src = self._to_device(self._device_slots[dev_pages].ravel(), stream)
-        dst = torch.from_numpy(self._host_slots[host_pages].ravel())
+        src = self._to_device(self._device_slots.take(dev_pages, axis=0).ravel(), stream)
+        dst = torch.from_numpy(self._host_slots.take(host_pages, axis=0).ravel())
         if self._cuda:
             dst = self._to_device(dst.numpy(), stream)
         t, cuda = self._backup_transfer, self._cuda
@@ -789,10 +859,10 @@ class HiCacheManager:
             dev.launch(stream, lambda s: _run_transfer(t, src, dst, cuda, s), op)
             op.event = self._event()
             dev.record(op.event, stream)
-        table = self.table
-        for e, page in zip(entries, host_pages.tolist()):
-            table.set_host(e, page)
-            e.backup = op
+        table.place_host(rows, host_pages)
+        table.state[rows] |= BACKING_UP
+        table.backup_id[rows] = op.op_id
+        table.ops[op.op_id] = op
         self._backups.append(op)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("backup op %d (%s): %d pages (%d tokens) device->host", op.op_id, why, n, tokens)
@@ -814,9 +884,11 @@ class HiCacheManager:
         if h._host_locked:
             self.host_pages.unlock(h.host_pages)
         self.device_pages.unlock(h.device_pages)
-        for e in h.entries:
-            if e.load is h:
-                e.load = None
+        table = self.table
+        mine = h.own_rows(table, table.load_id)
+        table.load_id[mine] = 0
+        table.state[mine] &= _NOT_LOADING
+        del table.ops[h.op_id]
         h._done = True
         self._events.extend(h._events)
         self._events.extend(h.extra_events)
@@ -828,14 +900,17 @@ class HiCacheManager:
         if op.device_locked:
             self.device_pages.unlock(op.device_pages)
         self.host_pages.unlock(op.host_pages)
-        done = [e for e in op.entries if e.backup is op]
-        for e in done:
-            e.backup = None
+        table = self.table
+        done = op.own_rows(table, table.backup_id)
+        table.backup_id[done] = 0
+        table.state[done] &= _NOT_BACKING_UP
+        del table.ops[op.op_id]
         self._events.append(op.event)
         self._events.extend(op.extra_events)
-        self._acks.append(Ack("backup", op.op_id, tuple(e.page_id for e in op.entries)))
+        self._acks.append(Ack("backup", op.op_id, op.page_ids))
         log.debug("backup op %d done", op.op_id)
         if self.storage is not None and self.config.storage_write_through:
+            done = table.views(done)
             # pages still on host in the slots this backup filled
             live = [e for e in done if self.table.get(e.page_id) is e and e.storing is None]
             if live:
@@ -906,7 +981,7 @@ class HiCacheManager:
     # -- internals: slots ---------------------------------------------------------------------
     def _alloc_device_pages(self, n: int) -> np.ndarray:
         pages = self._alloc_pages(self.device_pages, n, lambda k: self._evict_device(
-            list(islice(device_victims(self.table), k))))
+            device_victims(self.table, k)))
         if pages is None:
             alloc = self.device_pages
             raise OutOfPages(
@@ -916,7 +991,7 @@ class HiCacheManager:
 
     def _alloc_host_pages(self, n: int) -> np.ndarray | None:
         return self._alloc_pages(self.host_pages, n, lambda k: self._evict_host(
-            list(islice(host_victims(self.table, self.host_pages.is_locked), k))))
+            host_victims(self.table, self.host_pages.locked, k)))
 
     def _alloc_pages(self, alloc: PageAllocator, n: int, evict) -> np.ndarray | None:
         """``n`` pages of a pool: free ones, else evict LRU pages (``evict(k)``), else
@@ -947,50 +1022,53 @@ class HiCacheManager:
         self._collect()
         return True
 
-    def _evict_device(self, entries: list[PageEntry]) -> list:
-        if not entries:
+    def _evict_device(self, rows: np.ndarray) -> list:
+        if not len(rows):
             return []
+        table = self.table
         if self.policy.backs_up_on_evict:
-            unbacked = [e for e in entries if e.host_page < 0]
-            if unbacked and self._backup(unbacked, None, why="write_back eviction") is None:
+            unbacked = rows[table.host_page[rows] < 0]
+            if len(unbacked) and self._backup(unbacked, None, why="write_back eviction") is None:
                 # no host room: keep these on the device rather than lose them
-                entries = [e for e in entries if e.host_page >= 0]
-        removed = [e for e in entries if e.host_page < 0]
-        self.device_pages.free(np.array([e.device_page for e in entries], dtype=np.int64))
-        for e in entries:
-            self.table.set_device(e, -1)
-        for e in removed:
-            self.table.remove(e)
-        return self._report("device", entries, removed)
+                rows = rows[table.host_page[rows] >= 0]
+        removed = rows[table.host_page[rows] < 0]
+        ids, removed_ids = table.ids_of(rows), table.ids_of(removed)
+        self.device_pages.free(table.device_page[rows])
+        table.clear_device(rows)
+        table.remove_many(removed)
+        return self._report("device", ids, removed_ids)
 
-    def _evict_host(self, entries: list[PageEntry]) -> list:
-        if not entries:
+    def _evict_host(self, rows: np.ndarray) -> list:
+        if not len(rows):
             return []
-        removed = [e for e in entries if e.device_page < 0]
-        self._release(entries, remove=False, host_only=True)
-        for e in removed:
-            self.table.remove(e)
-        return self._report("host", entries, removed)
+        table = self.table
+        removed = rows[table.device_page[rows] < 0]
+        ids, removed_ids = table.ids_of(rows), table.ids_of(removed)
+        self._release_rows(rows, remove=False, host_only=True)
+        table.remove_many(removed)
+        return self._report("host", ids, removed_ids)
 
     def _release(self, entries: list[PageEntry], *, remove: bool, host_only: bool = False) -> None:
+        """:meth:`_release_rows` for a list of :class:`PageEntry` (the storage paths)."""
+        self._release_rows(self.table.rows_of(entries), remove=remove, host_only=host_only)
+
+    def _release_rows(self, rows: np.ndarray, *, remove: bool, host_only: bool = False) -> None:
+        """Give back the slots of unique rows (locked ones once their transfers end)."""
         table = self.table
         if not host_only:
-            dev = [e.device_page for e in entries if e.device_page >= 0]
-            self.device_pages.free(np.array(dev, dtype=np.int64))
-        host = [e.host_page for e in entries if e.host_page >= 0]
-        self.host_pages.free(np.array(host, dtype=np.int64))
-        for e in entries:
-            if not host_only:
-                table.set_device(e, -1)
-            table.set_host(e, -1)
-            if remove:
-                table.remove(e)
+            dev = table.device_page[rows]
+            self.device_pages.free(dev[dev >= 0])
+            table.clear_device(rows)
+        host = table.host_page[rows]
+        self.host_pages.free(host[host >= 0])
+        table.clear_host(rows)
+        if remove:
+            table.remove_many(rows)
 
-    def _report(self, tier: str, entries: list[PageEntry], removed: list[PageEntry]) -> list:
-        ids = [e.page_id for e in entries]
+    def _report(self, tier: str, ids: list, removed: list) -> list:
         log.debug("evicted %d pages from %s (%d gone)", len(ids), tier, len(removed))
         if self.on_evict is not None:
-            self.on_evict(Eviction(tier, tuple(ids), tuple(e.page_id for e in removed)))
+            self.on_evict(Eviction(tier, tuple(ids), tuple(removed)))
         return ids
 
     # -- internals: small helpers ---------------------------------------------------------------
@@ -1006,53 +1084,66 @@ class HiCacheManager:
     def _event(self):
         return self._events.pop() if self._events else self.device.event()
 
+    def _take_events(self, n: int) -> list:
+        """``n`` events, recycled ones first."""
+        pool = self._events
+        if len(pool) >= n:
+            events = pool[len(pool) - n:]
+            del pool[len(pool) - n:]
+            return events
+        events = pool[:] + [self.device.event() for _ in range(n - len(pool))]
+        pool.clear()
+        return events
+
     def _op_id(self) -> int:
         self._next_op += 1
         return self._next_op
 
-    def _entries(self, page_ids: Sequence[Hashable], *, distinct: bool = False) -> list[PageEntry]:
-        table = self.table.entries
-        try:
-            entries = [table[i] for i in page_ids]
-        except KeyError as exc:
-            raise KeyError(f"page_ids: {exc.args[0]!r} is not in the page table") from None
-        except TypeError as exc:
-            raise TypeError(f"page_ids: expected a sequence of hashable ids ({exc})") from None
-        if distinct and len(set(map(id, entries))) != len(entries):
+    def _rows(self, page_ids: Sequence[Hashable], *,
+              distinct: bool = False) -> tuple[list | tuple, np.ndarray]:
+        """The ids as a list or tuple, and their page-table rows."""
+        ids = _as_list(page_ids)
+        rows = self.table.resolve(ids)
+        if distinct and not self.table.distinct(rows):
             raise ValueError("page_ids: expected distinct ids")
-        return entries
+        return ids, rows
 
     def _new_ids(self, page_ids: Sequence[Hashable], name: str) -> list:
         ids = list(page_ids)
-        table = self.table.entries
-        for i in ids:
-            if i in table:
-                raise ValueError(f"{name}: {i!r} is already in the page table")
+        index = self.table.index
+        if not index.keys().isdisjoint(ids):
+            for i in ids:
+                if i in index:
+                    raise ValueError(f"{name}: {i!r} is already in the page table")
         if len(set(ids)) != len(ids):
             raise ValueError(f"{name}: expected distinct ids")
         return ids
 
-    def _pages(self, page_ids, attr: str) -> np.ndarray:
-        pages = [getattr(e, attr) for e in self._entries(page_ids)]
-        if any(p < 0 for p in pages):
-            bad = [i for i, p in zip(page_ids, pages) if p < 0]
-            raise ValueError(f"page_ids: {bad[:4]!r} have no {attr.split('_')[0]} copy")
-        return np.array(pages, dtype=np.int64)
+    def _pages(self, page_ids, tier: str) -> np.ndarray:
+        ids, rows = self._rows(page_ids)
+        pages = getattr(self.table, f"{tier}_page")[rows]
+        if np.count_nonzero(pages < 0):
+            bad = [ids[i] for i in np.flatnonzero(pages < 0).tolist()]
+            raise ValueError(f"page_ids: {bad[:4]!r} have no {tier} copy")
+        return pages
 
-    def _refuse_load(self, entries: list[PageEntry]) -> None:
+    def _refuse_load(self, ids, rows: np.ndarray) -> None:
+        """Raise for the first page of a load that cannot be loaded (the slow path)."""
         seen = set()
-        for e in entries:
-            if e.device_page >= 0 or e.host_page < 0 or e.fill is not None:
-                raise ValueError(f"page_ids: {e.page_id!r} cannot be loaded ({self._why_not(e)})")
-            if e.host_page in seen:
-                raise ValueError(f"page_ids: {e.page_id!r} appears twice")
-            seen.add(e.host_page)
+        table = self.table
+        for page_id, row in zip(ids, rows.tolist()):
+            if (table.state[row] & _LOAD_MASK) != HOST:
+                raise ValueError(f"page_ids: {page_id!r} cannot be loaded ({self._why_not(row)})")
+            if row in seen:
+                raise ValueError(f"page_ids: {page_id!r} appears twice")
+            seen.add(row)
+        raise AssertionError("_refuse_load: every page is loadable")
 
-    @staticmethod
-    def _why_not(e: PageEntry) -> str:
-        if e.device_page >= 0:
-            return "already on the device" + (" (loading)" if e.load is not None else "")
-        if e.fill is not None:
+    def _why_not(self, row: int) -> str:
+        state = self.table.state[row]
+        if state & DEVICE:
+            return "already on the device" + (" (loading)" if state & LOADING else "")
+        if state & FETCHING:
             return "still arriving from storage; wait for its prefetch ack"
         return "no host copy"
 

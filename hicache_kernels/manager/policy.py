@@ -20,9 +20,11 @@ Eviction takes least-recently-used pages that no transfer holds and nobody pinne
 from __future__ import annotations
 
 import enum
-from typing import Callable, Iterator
+from typing import Callable
 
-from .pages import PageEntry, PageTable
+import numpy as np
+
+from .pages import BACKING_UP, DEVICE, FETCHING, HOST, LOADING, PINNED, PageTable
 
 __all__ = ["WritePolicy", "device_victims", "host_victims"]
 
@@ -49,22 +51,34 @@ class WritePolicy(str, enum.Enum):
         return self is WritePolicy.WRITE_BACK
 
 
-def device_victims(table: PageTable) -> Iterator[PageEntry]:
-    """Device pages in LRU order that may be evicted: unpinned and not being loaded."""
-    for entry in table.device_lru:
-        if entry.pins == 0 and entry.load is None:
-            yield entry
+def device_victims(table: PageTable, k: int) -> np.ndarray:
+    """Rows of up to ``k`` device pages that may be evicted, least recently used
+    first: unpinned and not being loaded."""
+    if k <= 0:
+        return np.empty(0, dtype=np.intp)
+    state = table.state[:table.hw]
+    rows = np.flatnonzero((state & (DEVICE | LOADING | PINNED)) == DEVICE)
+    return _oldest(rows, table.device_used[rows], k)
 
 
-def host_victims(table: PageTable, locked: Callable[[int], bool]) -> Iterator[PageEntry]:
-    """Host pages in LRU order that no transfer holds: first those with no device
-    copy (dropping them removes the page), then redundant copies of device pages."""
-    second: list[PageEntry] = []
-    for entry in table.host_lru:
-        if locked(entry.host_page) or entry.fill is not None or entry.backup is not None:
-            continue
-        if entry.on_device:
-            second.append(entry)
-        else:
-            yield entry
-    yield from second
+def host_victims(table: PageTable, locked: Callable[[np.ndarray], np.ndarray],
+                 k: int) -> np.ndarray:
+    """Rows of up to ``k`` host pages that no transfer holds, least recently used
+    first: first those with no device copy (dropping them removes the page), then
+    redundant copies of device pages. ``locked(host_pages)``: bool per page."""
+    if k <= 0:
+        return np.empty(0, dtype=np.intp)
+    state = table.state[:table.hw]
+    rows = np.flatnonzero((state & (HOST | BACKING_UP | FETCHING)) == HOST)
+    rows = rows[~locked(table.host_page[rows])]
+    # stamps are far below 2**62: a device copy puts a row behind every host-only one
+    keys = table.host_used[rows] + ((state[rows] & DEVICE).astype(np.int64) << 62)
+    return _oldest(rows, keys, k)
+
+
+def _oldest(rows: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` rows with the smallest keys, smallest first (keys are distinct)."""
+    if len(rows) > k:
+        part = np.argpartition(keys, k - 1)[:k]
+        rows, keys = rows[part], keys[part]
+    return rows[np.argsort(keys)]
