@@ -31,7 +31,7 @@ import numpy as np
 from ..buffers import KVBuffer
 from .config import FILE_PLUGINS, StorageConfig
 from .pages import HEADER_BYTES, PageGeometry, PageHeader, check_keys, check_pages, read_back_ok
-from .store import StorageUnavailable, io_counters
+from .store import StorageUnavailable, count_io, io_counters
 
 __all__ = ["NixlFileStore", "import_nixl", "run_transfer", "TransferFailed"]
 
@@ -223,8 +223,7 @@ class NixlFileStore:
                 bad = ok.index(False)
                 self._corrupt(keys[bad], found[bad][0], "payload checksum mismatch")
         valid = sum(ok)
-        self._stats.add(pages_read=valid, bytes_read=valid * self.page_bytes,
-                    read_seconds=time.perf_counter() - start)
+        count_io(self._stats, "read", valid, self.page_bytes, start)
         return ok
 
     def batch_set(self, keys: Sequence[str], host_indices) -> list[bool]:
@@ -269,8 +268,7 @@ class NixlFileStore:
                 if not ok[i]:
                     _quiet(os.unlink, tmp)
         written = sum(ok)
-        self._stats.add(pages_written=written, bytes_written=written * self.page_bytes,
-                    write_seconds=time.perf_counter() - start)
+        count_io(self._stats, "written", written, self.page_bytes, start)
         return ok
 
     def status(self) -> str:

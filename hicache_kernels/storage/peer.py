@@ -41,7 +41,7 @@ import torch
 from ..buffers import KVBuffer
 from .nixl_store import TransferFailed, host_regions, import_nixl, run_transfer
 from .pages import PageGeometry, check_keys, check_pages, layout_tag, page_bytes, read_back_ok
-from .store import StorageUnavailable, io_counters
+from .store import StorageUnavailable, count_io, io_counters
 
 __all__ = ["PeerPageServer", "PeerPageStore"]
 
@@ -328,8 +328,7 @@ class PeerPageStore:
         finally:
             self._rpc("release", slots=slots)
         valid = sum(ok)
-        self._stats.add(pages_read=valid, bytes_read=valid * self.page_bytes,
-                    read_seconds=time.perf_counter() - start)
+        count_io(self._stats, "read", valid, self.page_bytes, start)
         return ok
 
     def batch_set(self, keys: Sequence[str], host_indices) -> list[bool]:
@@ -356,8 +355,7 @@ class PeerPageStore:
             self._stats.add(write_errors=n)
             return ok  # the server reclaims slots never committed
         ok[:n] = [True] * n
-        self._stats.add(pages_written=n, bytes_written=n * self.page_bytes,
-                    write_seconds=time.perf_counter() - start)
+        count_io(self._stats, "written", n, self.page_bytes, start)
         return ok
 
     def status(self) -> str:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Protocol, Sequence, runtime_checkable
 
-__all__ = ["PageStore", "StorageUnavailable", "Counters", "io_counters"]
+__all__ = ["PageStore", "StorageUnavailable", "Counters", "io_counters", "count_io"]
 
 
 class StorageUnavailable(RuntimeError):
@@ -74,3 +75,11 @@ def io_counters() -> Counters:
     return Counters(pages_read=0, bytes_read=0, read_seconds=0.0, pages_written=0,
                     bytes_written=0, write_seconds=0.0, corrupt_pages=0, read_errors=0,
                     write_errors=0)
+
+
+def count_io(counters: Counters, kind: str, pages: int, page_bytes: int, started: float) -> None:
+    """Add one batch to a store's ``io_counters``: ``kind`` is ``"read"`` or
+    ``"written"``; ``started`` is the batch's ``time.perf_counter()`` start."""
+    seconds = "read_seconds" if kind == "read" else "write_seconds"
+    counters.add(**{f"pages_{kind}": pages, f"bytes_{kind}": pages * page_bytes,
+                    seconds: time.perf_counter() - started})
