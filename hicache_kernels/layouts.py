@@ -87,10 +87,6 @@ class PlaneAddressing:
             return slots * self.page_stride
         return (slots // self.page_size) * self.page_stride + (slots % self.page_size) * self.slot_stride
 
-    def byte_alignment(self) -> int:
-        """Largest power of two (<= 16) dividing every stride."""
-        return _pow2_alignment(self.page_stride, self.slot_stride, self.head_stride)
-
 
 def _pow2_alignment(*values: int, cap: int = 16) -> int:
     g = 0
