@@ -105,6 +105,22 @@ class KVBuffer:
         )
         return cls(layout, k_layers, None if v_layers is None else list(v_layers))
 
+    def page_items(self) -> "KVBuffer | None":
+        """This buffer's memory with one item per page (:meth:`KVLayout.page_items`),
+        or None where the layout has no such view. Shares storage: writes through
+        one show in the other."""
+        lay = self.layout.page_items()
+        if lay is None:
+            return None
+        row_shape = (lay.num_slots, lay.head_num, lay.head_dim)
+        planes = []
+        for plane in self.planes():
+            if self.per_layer:
+                planes.append([t.view(row_shape) for t in plane])
+            else:
+                planes.append(plane.view(lay.shape))
+        return KVBuffer(lay, *planes)
+
     # -- what backends read ----------------------------------------------------
     def planes(self) -> list:
         return [self.k] if self.v is None else [self.k, self.v]

@@ -247,6 +247,23 @@ class KVLayout:
                 runs.append([start, hb])
         return [(offset, nbytes) for offset, nbytes in runs]
 
+    def page_items(self) -> "KVLayout | None":
+        """The same memory described with one item per page (``page_size``
+        consecutive slots become one slot of ``page_size * item_bytes``), or None
+        when a page is not one contiguous run in each plane (``page_first``,
+        ``page_head``) or the slots do not divide into pages.
+
+        Moving page ``p`` of this layout moves slots ``p*P .. p*P+P-1`` of the
+        original, so a caller that works in pages passes ``P`` times fewer
+        indices (the manager's loads and backups).
+        """
+        P = self.page_size
+        if self.kind not in (LayoutKind.LAYER_FIRST, LayoutKind.PAGE_FIRST_DIRECT) \
+                or self.num_slots % P:
+            return None
+        return self.with_(num_slots=self.num_slots // P, head_num=1,
+                          head_dim=P * self.head_num * self.head_dim, page_size=1)
+
     # -- helpers ---------------------------------------------------------------
     def with_(self, **changes) -> "KVLayout":
         """A copy with some fields changed (``lay.with_(kind="page_first")``)."""

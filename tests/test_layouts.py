@@ -114,3 +114,60 @@ def test_device_pool_from_layers():
                                              v[1].data_ptr(), v[2].data_ptr()]
     with pytest.raises(ValueError, match=r"v\[2\]"):
         KVBuffer.from_layers(k, v[:2] + [torch.empty(N, H, D + 1, dtype=torch.bfloat16)])
+
+
+@pytest.mark.parametrize("kind, mla", [(k, m) for k in LayoutKind for m in (False, True)
+                                       if not (k is LayoutKind.PAGE_HEAD and m)])
+def test_page_items_describe_the_same_bytes(kind, mla):
+    """Item p of the page view starts where slot p*P starts and spans the page's
+    P slots; layouts whose pages are not contiguous runs have no such view."""
+    lay = _layout(kind, mla=mla, head_num=1 if mla else H)
+    pages = lay.page_items()
+    if kind in (LayoutKind.PAGE_FIRST, LayoutKind.PAGE_HEAD):
+        assert pages is None
+        return
+    assert (pages.num_slots, pages.head_num, pages.page_size) == (N // P, 1, 1)
+    assert pages.plane_bytes == lay.plane_bytes
+    for layer in range(L):
+        for p in range(N // P):
+            start = lay.byte_offset(p * P, layer)
+            assert pages.byte_offset(p, layer) == start
+            ends = [lay.byte_offset(s, layer, h) + lay.head_bytes
+                    for s in range(p * P, p * P + P) for h in range(lay.head_num)]
+            assert max(ends) - start == pages.item_bytes == P * lay.item_bytes
+
+
+def test_page_items_of_uneven_pools():
+    assert _layout("layer_first", num_slots=N + 3).page_items() is None
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_page_items_buffer_shares_memory(per_layer, gen):
+    """A page-granular transfer moves exactly the bytes of the token transfer it stands for."""
+    from conftest import assert_bytes_equal, poison_, random_bytes_
+    from hicache_kernels import transfer
+
+    lay = _layout("layer_first")
+    host = KVBuffer.allocate(lay.with_(kind="page_first_direct"))
+    if per_layer:
+        dev = KVBuffer.from_layers([torch.empty(N, H, D, dtype=lay.dtype) for _ in range(L)],
+                                   [torch.empty(N, H, D, dtype=lay.dtype) for _ in range(L)],
+                                   page_size=P)
+    else:
+        dev = KVBuffer.allocate(lay)
+    for t in host.tensors():
+        random_bytes_(t, gen)
+    host_pages, dev_pages = torch.tensor([3, 0, 2]), torch.tensor([1, 2, 0])
+    # the token transfer, on a poisoned copy of the device pool
+    ref = KVBuffer.allocate(lay)
+    poison_(ref.k), poison_(ref.v)
+    tokens = lambda pages: (pages[:, None] * P + torch.arange(P)).ravel()
+    transfer(host, ref, tokens(host_pages), tokens(dev_pages), backend="reference")
+    # the page transfer through the views, on the poisoned device pool itself
+    for t in dev.tensors():
+        poison_(t)
+    transfer(host.page_items(), dev.page_items(), host_pages, dev_pages, backend="reference")
+    got_k = torch.stack(dev.k) if per_layer else dev.k
+    got_v = torch.stack(dev.v) if per_layer else dev.v
+    assert_bytes_equal(got_k, ref.k, "k")
+    assert_bytes_equal(got_v, ref.v, "v")

@@ -67,6 +67,8 @@ def kinds(acks):
 ])
 def test_round_trip_through_host(host_layout, mla, dtype, gen):
     mgr, _ = make(host_layout=host_layout, mla=mla, dtype=dtype)
+    # whole pages move as one item where both layouts keep a page contiguous
+    assert mgr._by_page == (host_layout in ("layer_first", "page_first_direct"))
     data = write_pages(mgr, ["a", "b", "c"], gen)
     mgr.hit(["a", "b", "c"])                                   # write_through: backs up
     assert kinds(mgr.poll()) == ["backup"]

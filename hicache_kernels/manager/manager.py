@@ -207,16 +207,14 @@ class LoadHandle(_Op):
     Attributes:
         op_id: matches the ``Ack`` that :meth:`HiCacheManager.poll` reports.
         page_ids: the pages, in order.
-        device_indices: int64 ``[len(page_ids) * page_size]`` token slots on the
-            device where the pages land (page ``i`` at ``[i*P, (i+1)*P)``).
-        host_indices: the token slots read from the host pool (CPU).
+        device_pages, host_pages: the pages written on the device and read on
+            the host (int64 numpy), in ``page_ids`` order.
     """
 
-    __slots__ = ("device_indices", "host_indices", "_device", "_events", "_host_locked", "_done",
-                 "_page_size")
+    __slots__ = ("_manager", "_device", "_events", "_host_locked", "_done", "_page_size",
+                 "_src", "_dst", "_device_indices")
 
-    def __init__(self, op_id, page_ids, rows, host_pages, device_pages, removals, device,
-                 page_size):
+    def __init__(self, op_id, page_ids, rows, host_pages, device_pages, removals, manager):
         # _Op's fields set here too: this runs on every load()
         self.op_id = op_id
         self.rows = rows
@@ -225,11 +223,27 @@ class LoadHandle(_Op):
         self.device_pages = device_pages
         self.extra_events: list = []
         self.removals = removals
-        self._device = device
+        self._manager = manager
+        self._device = manager.device
         self._events: list = []
         self._host_locked = False
         self._done = False
-        self._page_size = page_size
+        self._page_size = manager.page_size
+        self._src = self._dst = None       # the indices the layer transfers read
+        self._device_indices = None
+
+    @property
+    def device_indices(self) -> torch.Tensor:
+        """int64 ``[len(page_ids) * page_size]`` token slots on the device where the
+        pages land (page ``i`` at ``[i*P, (i+1)*P)``); made on first use."""
+        if self._device_indices is None:
+            self._device_indices = self._manager._device_tokens(self.device_pages)
+        return self._device_indices
+
+    @property
+    def host_indices(self) -> torch.Tensor:
+        """The token slots (CPU) read from the host pool."""
+        return self._manager._host_tokens(self.host_pages)
 
     @property
     def num_layers(self) -> int:
@@ -334,8 +348,7 @@ def _run_transfer(transfer: Transfer, src: torch.Tensor, dst: torch.Tensor, cuda
 def _run_load_layer(transfers: list[Transfer], cuda: bool, stream, handle: "LoadHandle",
                     layer: int) -> None:
     # indices valid by construction: no bounds check (a sync on GPU)
-    transfers[layer](handle.host_indices, handle.device_indices, stream=stream if cuda else None,
-                     check=False)
+    transfers[layer](handle._src, handle._dst, stream=stream if cuda else None, check=False)
 
 
 def _as_list(page_ids: Sequence[Hashable]) -> list | tuple:
@@ -430,9 +443,16 @@ class HiCacheManager:
         self.device_pages = PageAllocator(device_pages, "device pool")
         self.host_pages = PageAllocator(host_slots // P, "host pool")
         self.table = PageTable()
-        # page -> its token slots, so indices for a transfer are one fancy index
+        # page -> its token slots, so token indices are one fancy index
         self._device_slots = np.arange(device_pages * P, dtype=np.int64).reshape(device_pages, P)
         self._host_slots = np.arange(host_slots, dtype=np.int64).reshape(-1, P)
+        # Transfers move whole pages (one index per page, P times fewer than
+        # tokens) where both layouts keep a page's slots contiguous in each plane.
+        host_paged, device_paged = host.page_items(), device_pool.page_items()
+        self._by_page = host_paged is not None and device_paged is not None \
+            and device_paged.layout.num_slots == device_pages
+        if self._by_page:
+            host, device_pool = host_paged, device_paged
 
         # -- streams and prepared transfers ----------------------------------------------
         low, high = device.priority_range()
@@ -480,8 +500,7 @@ class HiCacheManager:
         with self._mark("alloc_device", len(ids) * self.page_size):
             pages = self._alloc_device_pages(len(ids))
             self.table.place_device(self.table.add_many(ids), pages)
-            return self._to_device(self._device_slots.take(pages, axis=0).ravel(),
-                                   self.compute_stream)
+            return self._device_tokens(pages)
 
     def alloc_host(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
         """Give new pages host slots to fill directly (e.g. from another store).
@@ -496,7 +515,7 @@ class HiCacheManager:
                 raise OutOfPages(f"host pool: no {len(ids)} pages can be freed "
                                  f"({self.host_pages.free_count} free)")
             self.table.place_host(self.table.add_many(ids), pages)
-            return torch.from_numpy(self._host_slots.take(pages, axis=0).ravel())
+            return self._host_tokens(pages)
 
     def free(self, page_ids: Sequence[Hashable]) -> None:
         """Forget pages on every tier. Slots a transfer still uses are reused only after it."""
@@ -542,12 +561,11 @@ class HiCacheManager:
 
     def device_indices(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
         """Token slots on the device of pages that have a device copy."""
-        pages = self._pages(page_ids, "device")
-        return self._to_device(self._device_slots.take(pages, axis=0).ravel(), self.compute_stream)
+        return self._device_tokens(self._pages(page_ids, "device"))
 
     def host_indices(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
         """Token slots (CPU) in the host pool of pages that have a host copy."""
-        return torch.from_numpy(self._host_slots.take(self._pages(page_ids, "host"), axis=0).ravel())
+        return self._host_tokens(self._pages(page_ids, "host"))
 
     # -- policies ------------------------------------------------------------------------
     def hit(self, page_ids: Sequence[Hashable], *, producer=None) -> int | None:
@@ -643,12 +661,14 @@ class HiCacheManager:
         state = table.state.take(rows)
         # validate everything before changing anything
         check = state.tobytes().translate(_LOADABLE)
-        if b"\x02" in check or not table.distinct(rows):
+        if b"\x02" in check:
             self._refuse_load(ids, rows)
         host_pages = table.host_page.take(rows)
         # locked: the load writes them (a free during the load defers their reuse)
         dev_pages = self.device_pages.alloc(n, lock=True)
         if dev_pages is None:
+            if not table.distinct(rows):
+                self._refuse_load(ids, rows)
             # Making room may evict host pages: keep these out of reach meanwhile.
             self.host_pages.lock(host_pages)
             try:
@@ -658,31 +678,41 @@ class HiCacheManager:
             self.device_pages.lock(dev_pages)
             state = table.state.take(rows)   # waiting for transfers may have retired backups
             check = state.tobytes().translate(_LOADABLE)
+        # Loadable rows have no device page: writing the new (distinct) pages and
+        # reading them back finds a repeated row, which keeps only its last write.
+        device_page = table.device_page
+        device_page[rows] = dev_pages
+        if device_page.take(rows).tobytes() != dev_pages.tobytes():
+            device_page[rows] = -1
+            self.device_pages.unlock(dev_pages)
+            self.device_pages.free(dev_pages)
+            self._refuse_load(ids, rows)
         self._next_op = op_id = self._next_op + 1
-        handle = LoadHandle(op_id, tuple(ids), rows, host_pages, dev_pages, table.removals,
-                            self.device, self.page_size)
+        handle = LoadHandle(op_id, tuple(ids), rows, host_pages, dev_pages, table.removals, self)
         dev, stream = self.device, self.load_stream
         if b"\x01" in check:   # the host copy is still arriving: read it only once it has
             busy = (state & BACKING_UP) != 0
             for backup_id in np.unique(table.backup_id[rows[busy]]).tolist():
                 dev.wait(stream, table.ops[backup_id].event)
+        events = self._take_events(self.num_layers + 1)
         if self._rules.load_waits_compute:
-            ev = self._event()
+            ev = events.pop()
             dev.record(ev, self.compute_stream)
             dev.wait(stream, ev)
             handle.extra_events.append(ev)
+        else:
+            self._events.append(events.pop())
         if self._rules.host_locked_during_load:
             self.host_pages.lock(host_pages)
             handle._host_locked = True
-        src = torch.from_numpy(self._host_slots.take(host_pages, axis=0).ravel())
-        dst = self._to_device(self._device_slots.take(dev_pages, axis=0).ravel(), stream)
-        if self._cuda:
-            src = self._to_device(src.numpy(), stream)
-            # the model reads dst on its stream: keep the allocator from reusing it early
-            dst.record_stream(self.compute_stream)
-        handle.host_indices = src
-        handle.device_indices = dst
-        handle._events = events = self._take_events(self.num_layers)
+        handle._src, handle._dst = self._transfer_indices(dev_pages, host_pages, stream,
+                                                          to_device=True)
+        if not self._by_page:   # token slots: the same tensor is device_indices
+            handle._device_indices = handle._dst
+            if self._cuda:
+                # the model reads them on its stream: keep the allocator from reusing them early
+                handle._dst.record_stream(self.compute_stream)
+        handle._events = events
         if _nvtx_enabled():
             tokens = n * self.page_size
             for layer, ev in enumerate(events):
@@ -691,7 +721,6 @@ class HiCacheManager:
                     dev.record(ev, stream)
         else:
             dev.launch_layers(stream, self._load_layer, handle, events)
-        table.device_page[rows] = dev_pages
         table.state[rows] = _ON_LOAD.take(state)
         table.load_id[rows] = op_id
         stamps = table.stamps(n)
@@ -700,8 +729,9 @@ class HiCacheManager:
         table.ops[op_id] = handle
         self._loads.append(handle)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("load op %d: %d pages (%d tokens) host->device, %d layers",
-                      handle.op_id, n, n * self.page_size, self.num_layers)
+            log.debug("load op %d: %d pages (%d tokens) host->device, %d layers%s",
+                      handle.op_id, n, n * self.page_size, self.num_layers,
+                      " by page" if self._by_page else "")
         return handle
 
     def prefetch(self, page_ids: Sequence[Hashable]) -> tuple:
@@ -850,10 +880,7 @@ class HiCacheManager:
             self.device_pages.lock(dev_pages)
             op.device_locked = True
         self.host_pages.lock(host_pages)
-        src = self._to_device(self._device_slots.take(dev_pages, axis=0).ravel(), stream)
-        dst = torch.from_numpy(self._host_slots.take(host_pages, axis=0).ravel())
-        if self._cuda:
-            dst = self._to_device(dst.numpy(), stream)
+        src, dst = self._transfer_indices(dev_pages, host_pages, stream, to_device=False)
         t, cuda = self._backup_transfer, self._cuda
         with self._mark("backup", tokens):
             dev.launch(stream, lambda s: _run_transfer(t, src, dst, cuda, s), op)
@@ -1072,6 +1099,27 @@ class HiCacheManager:
         return ids
 
     # -- internals: small helpers ---------------------------------------------------------------
+    def _device_tokens(self, pages: np.ndarray) -> torch.Tensor:
+        """Token slots of device pages, on the device (allocated on the compute stream)."""
+        return self._to_device(self._device_slots.take(pages, axis=0).ravel(), self.compute_stream)
+
+    def _host_tokens(self, pages: np.ndarray) -> torch.Tensor:
+        """Token slots (CPU) of host pages."""
+        return torch.from_numpy(self._host_slots.take(pages, axis=0).ravel())
+
+    def _transfer_indices(self, device_pages: np.ndarray, host_pages: np.ndarray, stream, *,
+                          to_device: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (src, dst) index tensors of a load (``to_device``) or backup, on
+        ``stream``'s device: pages, or token slots where transfers move tokens."""
+        if self._by_page:
+            dev, host = device_pages, host_pages
+        else:
+            dev = self._device_slots.take(device_pages, axis=0).ravel()
+            host = self._host_slots.take(host_pages, axis=0).ravel()
+        dev = self._to_device(dev, stream)
+        host = self._to_device(host, stream) if self._cuda else torch.from_numpy(host)
+        return (host, dev) if to_device else (dev, host)
+
     def _to_device(self, slots: np.ndarray, stream) -> torch.Tensor:
         """Slot indices where kernels read them: on the GPU, copied and allocated on
         ``stream`` (the one that uses them first), so they are ready in its order."""
