@@ -4,6 +4,9 @@ When nvcc is found, the CUDA library (csrc/, built with CMake by csrc/build.py)
 is built into the package as ``hicache_kernels/libhicache_cuda.so``; without
 nvcc, or with ``HICACHE_SKIP_NATIVE=1``, the package installs without it and
 the reference and Triton backends still work.
+
+The manager's compiled load path (csrc/manager/fastload.c, a plain C extension)
+is built with the host compiler; if that fails the manager uses its numpy path.
 """
 
 import importlib.util
@@ -24,23 +27,34 @@ def _native():
     return module
 
 
+CUDA_LIB = "hicache_kernels.libhicache_cuda"
+FASTLOAD = "hicache_kernels.manager._fastload"
+
+
 class BuildNative(build_ext):
-    """Builds the CUDA library with CMake instead of compiling a Python extension."""
+    """Builds the CUDA library with CMake, and the C extension the usual way."""
 
     def run(self):
         reason = _native().skip_reason()
         if reason:
             print(f"hicache-kernels: not building the CUDA library ({reason}); the reference "
                   "and Triton backends still work", file=sys.stderr)
-            self.extensions = []
+            self.extensions = [e for e in self.extensions if e.name != CUDA_LIB]
         super().run()
 
     def get_ext_filename(self, fullname):
-        if fullname == "hicache_kernels.libhicache_cuda":
+        if fullname == CUDA_LIB:
             return os.path.join("hicache_kernels", _native().LIB_NAME)
         return super().get_ext_filename(fullname)
 
     def build_extension(self, ext):
+        if ext.name == FASTLOAD:
+            try:
+                super().build_extension(ext)
+            except Exception as exc:   # no C compiler: the numpy path does the same work
+                print(f"hicache-kernels: not building the manager's compiled load path ({exc}); "
+                      "the manager uses its numpy path", file=sys.stderr)
+            return
         native = _native()
         out = Path(self.get_ext_fullpath(ext.name)).parent
         native.build(out, Path(self.build_temp).resolve() / "native", jobs=os.cpu_count())
@@ -56,7 +70,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hicache_kernels", "hicache_kernels.*"]),
-    ext_modules=[Extension("hicache_kernels.libhicache_cuda", sources=[])],
+    ext_modules=[Extension(CUDA_LIB, sources=[]),
+                 Extension(FASTLOAD, sources=["csrc/manager/fastload.c"],
+                           extra_compile_args=["-O2", "-std=c11"])],
     cmdclass={"build_ext": BuildNative},
     install_requires=[
         "torch>=2.4",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from itertools import repeat
+from collections.abc import Sequence as _SequenceABC
 from typing import Any, Callable, Sequence
 
 import torch
@@ -74,13 +74,19 @@ class Device:
         """Run ``work(stream)`` on ``stream``. ``tag`` describes it to the emulation's tests."""
         raise NotImplementedError
 
-    def launch_layers(self, stream, work: LayerWork, op: Any, events: Sequence) -> None:
-        """Run ``work(stream, op, i)`` on ``stream`` for each ``i`` in order, recording
-        ``events[i]`` right after layer ``i`` (one call for a load's per-layer loop;
-        ``op`` is also the tag, as in :meth:`launch`)."""
+    def launch_layers(self, stream, work: LayerWork, op: Any, num_layers: int) -> Sequence:
+        """Run ``work(stream, op, i)`` on ``stream`` for each layer ``i`` in order (one
+        call for a load's per-layer loop; ``op`` is also the tag, as in :meth:`launch`).
+        Returns the per-layer events: ``events[i]`` completes once layer ``i`` has.
+        Hand them back with :meth:`release_layer_events` once they have completed."""
+        events = [self.event() for _ in range(num_layers)]
         for layer, event in enumerate(events):
             self.launch(stream, lambda s, layer=layer: work(s, op, layer), op)
             self.record(event, stream)
+        return events
+
+    def release_layer_events(self, events: Sequence) -> None:
+        """Events from :meth:`launch_layers` that have completed, for reuse."""
 
     def priority_range(self) -> tuple[int, int]:
         """(lowest, highest) stream priority; CUDA counts down, so highest is the smaller."""
@@ -96,6 +102,7 @@ class CudaDevice(Device):
         self.device = torch.device("cuda", torch.cuda.current_device()) if device is None \
             else torch.device(device)
         self.name = f"cuda ({torch.cuda.get_device_name(self.device)})"
+        self._layer_events: list[list] = []    # released lists, for reuse
 
     def stream(self, priority: int = 0):
         return torch.cuda.Stream(self.device, priority=priority)
@@ -121,10 +128,17 @@ class CudaDevice(Device):
     def launch(self, stream, work: Work, tag: Any = None) -> None:
         work(stream)
 
-    def launch_layers(self, stream, work: LayerWork, op: Any, events: Sequence) -> None:
+    def launch_layers(self, stream, work: LayerWork, op: Any, num_layers: int) -> Sequence:
+        pool = self._layer_events
+        events = pool.pop() if pool and len(pool[-1]) == num_layers else \
+            [torch.cuda.Event() for _ in range(num_layers)]
         for layer, event in enumerate(events):
             work(stream, op, layer)
             event.record(stream)
+        return events
+
+    def release_layer_events(self, events: Sequence) -> None:
+        self._layer_events.append(events)
 
     def priority_range(self) -> tuple[int, int]:
         # through an instance: static in some torch versions, a method in others
@@ -158,6 +172,43 @@ class EmulatedEvent:
 
     def done(self) -> bool:
         return self.stream is None or self.stream.completed >= self.target
+
+
+class _LayerRun:
+    """One queue entry for a layer-wise launch: runs its layers one step each."""
+
+    __slots__ = ("work", "op", "num_layers", "next_layer")
+
+    def __init__(self, work: LayerWork, op: Any, num_layers: int):
+        self.work = work
+        self.op = op
+        self.num_layers = num_layers
+        self.next_layer = 0
+
+
+class _LayerEvents(_SequenceABC):
+    """The per-layer events of a :class:`_LayerRun`: layer ``i`` is done once its
+    stream has completed operation ``first + i`` (made on demand, O(1) to launch)."""
+
+    __slots__ = ("stream", "first", "num_layers")
+
+    def __init__(self, stream: "EmulatedStream", first: int, num_layers: int):
+        self.stream = stream
+        self.first = first
+        self.num_layers = num_layers
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __getitem__(self, layer: int) -> "EmulatedEvent":
+        if layer < 0:
+            layer += self.num_layers
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer: expected 0 <= layer < {self.num_layers}, got {layer}")
+        event = EmulatedEvent()
+        event.stream = self.stream
+        event.target = self.first + layer
+        return event
 
 
 class EmulatedDevice(Device):
@@ -219,18 +270,13 @@ class EmulatedDevice(Device):
         self._enqueue(stream, work, tag, None)
 
     def launch_layers(self, stream: EmulatedStream, work: LayerWork, op: Any,
-                      events: Sequence) -> None:
-        n = len(events)
-        stream.ops.extend(zip(repeat(work, n), zip(repeat(op, n), range(n)), repeat(op, n),
-                              repeat(None, n)))
-        target = stream.issued
-        for event in events:          # events[i] completes with operation i
-            target += 1
-            event.stream = stream
-            event.target = target
-        stream.issued = target
+                      num_layers: int) -> _LayerEvents:
+        stream.ops.append((_LayerRun(work, op, num_layers), (), op, None))
+        events = _LayerEvents(stream, stream.issued + 1, num_layers)
+        stream.issued += num_layers
         if not self.defer:
             self.run_all()
+        return events
 
     # -- stepping (tests) ------------------------------------------------------------
     def runnable(self, stream: EmulatedStream) -> bool:
@@ -243,9 +289,18 @@ class EmulatedDevice(Device):
         """Run the next operation of ``stream`` if its waits allow; return whether one ran."""
         if not self.runnable(stream):
             return False
-        work, args, _tag, _wait = stream.ops.popleft()
-        if work is not None and self.execute:
-            work(stream, *args)
+        work, args, _tag, _wait = stream.ops[0]
+        if type(work) is _LayerRun:   # one layer per step; the entry leaves after its last
+            layer = work.next_layer
+            work.next_layer += 1
+            if work.next_layer == work.num_layers:
+                stream.ops.popleft()
+            if self.execute:
+                work.work(stream, work.op, layer)
+        else:
+            stream.ops.popleft()
+            if work is not None and self.execute:
+                work(stream, *args)
         stream.completed += 1
         return True
 
@@ -257,7 +312,8 @@ class EmulatedDevice(Device):
 
     def pending(self) -> list[tuple[str, Any]]:
         """(stream name, tag) of each queued launch, oldest first per stream."""
-        return [(s.name, op[2]) for s in self.streams for op in s.ops if op[0] is not None]
+        return [(s.name, op[2]) for s in self.streams for op in s.ops for _ in range(
+            op[0].num_layers - op[0].next_layer if type(op[0]) is _LayerRun else op[0] is not None)]
 
     def describe(self) -> str:
         return ", ".join(f"{s.name}: {len(s.ops)} queued" for s in self.streams)

@@ -67,6 +67,11 @@ from .pages import (BACKING_UP, DEVICE, FETCHING, HOST, LOADING, PINNED, OutOfPa
                     PageAllocator, PageEntry, PageTable, clear_mask)
 from .policy import WritePolicy, device_victims, host_victims
 
+try:   # the compiled common case of a load's page-table work (setup.py builds it)
+    from . import _fastload
+except ImportError:
+    _fastload = None
+
 __all__ = ["HiCacheConfig", "HiCacheManager", "LoadHandle", "Ack", "Eviction", "PageState",
            "OutOfPages"]
 
@@ -348,7 +353,11 @@ def _run_transfer(transfer: Transfer, src: torch.Tensor, dst: torch.Tensor, cuda
 def _run_load_layer(transfers: list[Transfer], cuda: bool, stream, handle: "LoadHandle",
                     layer: int) -> None:
     # indices valid by construction: no bounds check (a sync on GPU)
-    transfers[layer](handle._src, handle._dst, stream=stream if cuda else None, check=False)
+    if _nvtx_enabled():
+        with nvtx_range(f"hicache.load L{layer} n={len(handle.page_ids) * handle._page_size}"):
+            transfers[layer](handle._src, handle._dst, stream=stream if cuda else None, check=False)
+    else:
+        transfers[layer](handle._src, handle._dst, stream=stream if cuda else None, check=False)
 
 
 def _as_list(page_ids: Sequence[Hashable]) -> list | tuple:
@@ -471,6 +480,9 @@ class HiCacheManager:
         self._acks: list[Ack] = []
         self._next_op = 0
         self._closed = False
+        # the compiled common case of _claim_load (None: numpy only; tests compare both)
+        self._claimer = None if _fastload is None else \
+            _fastload.LoadClaimer(self.table, self.device_pages, self.host_pages)
 
     # -- properties ------------------------------------------------------------------
     @property
@@ -645,30 +657,70 @@ class HiCacheManager:
         ``layer``; ``handle.device_indices`` are where the pages land. The CPU
         never blocks (unless the device pool must wait for a write-back copy).
         """
-        ids, rows = self._rows(page_ids)
-        if not len(rows):
+        ids = _as_list(page_ids)
+        if not ids:
             raise ValueError("page_ids: expected at least one page to load")
         if _nvtx_enabled():
-            with nvtx_range(f"hicache.load n={len(rows) * self.page_size}"):
-                return self._load(ids, rows)
-        return self._load(ids, rows)
+            with nvtx_range(f"hicache.load n={len(ids) * self.page_size}"):
+                return self._load(ids)
+        return self._load(ids)
 
-    def _load(self, ids: list | tuple, rows: np.ndarray) -> LoadHandle:
-        # This is the serving loop's hot path: a few vector operations on the
-        # page table, one call per page for the ids, no Python loop per page.
+    def _load(self, ids: list | tuple) -> LoadHandle:
+        # The serving loop's hot path. The page-table half is one compiled call
+        # in the common case (csrc/manager/fastload.c), else _claim_load.
+        op_id = self._next_op + 1
+        claimed = np.empty((3, len(ids)), dtype=np.int64)
+        if self._claimer is not None and self._claimer.claim(
+                ids, claimed, op_id, self._rules.host_locked_during_load):
+            rows, host_pages, dev_pages = claimed
+            backups = ()
+        else:
+            rows, host_pages, dev_pages, backups = self._claim_load(ids, op_id)
+        self._next_op = op_id
         table = self.table
+        handle = LoadHandle(op_id, tuple(ids), rows, host_pages, dev_pages, table.removals, self)
+        handle._host_locked = self._rules.host_locked_during_load
+        dev, stream = self.device, self.load_stream
+        for backup in backups:   # a host copy still arriving: read it only once it has
+            dev.wait(stream, backup.event)
+        if self._rules.load_waits_compute:
+            ev = self._event()
+            dev.record(ev, self.compute_stream)
+            dev.wait(stream, ev)
+            handle.extra_events.append(ev)
+        handle._src, handle._dst = self._transfer_indices(dev_pages, host_pages, stream,
+                                                          to_device=True)
+        if not self._by_page:   # token slots: the same tensor is device_indices
+            handle._device_indices = handle._dst
+            if self._cuda:
+                # the model reads them on its stream: keep the allocator from reusing them early
+                handle._dst.record_stream(self.compute_stream)
+        handle._events = dev.launch_layers(stream, self._load_layer, handle, self.num_layers)
+        table.ops[op_id] = handle
+        self._loads.append(handle)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("load op %d: %d pages (%d tokens) host->device, %d layers%s",
+                      op_id, len(ids), len(ids) * self.page_size, self.num_layers,
+                      " by page" if self._by_page else "")
+        return handle
+
+    def _claim_load(self, ids: list | tuple, op_id: int) -> tuple:
+        """The page-table half of a load: check the pages, take device pages (evicting
+        if needed), lock, and mark the rows loading. Returns ``(rows, host_pages,
+        device_pages, backups)``, the backups being those still filling host copies.
+        Raises, having changed nothing, when a page cannot be loaded."""
+        table = self.table
+        rows = table.resolve(ids)
         n = len(rows)
         state = table.state.take(rows)
         # validate everything before changing anything
         check = state.tobytes().translate(_LOADABLE)
-        if b"\x02" in check:
+        if b"\x02" in check or not table.distinct(rows):
             self._refuse_load(ids, rows)
         host_pages = table.host_page.take(rows)
         # locked: the load writes them (a free during the load defers their reuse)
         dev_pages = self.device_pages.alloc(n, lock=True)
         if dev_pages is None:
-            if not table.distinct(rows):
-                self._refuse_load(ids, rows)
             # Making room may evict host pages: keep these out of reach meanwhile.
             self.host_pages.lock(host_pages)
             try:
@@ -678,61 +730,19 @@ class HiCacheManager:
             self.device_pages.lock(dev_pages)
             state = table.state.take(rows)   # waiting for transfers may have retired backups
             check = state.tobytes().translate(_LOADABLE)
-        # Loadable rows have no device page: writing the new (distinct) pages and
-        # reading them back finds a repeated row, which keeps only its last write.
-        device_page = table.device_page
-        device_page[rows] = dev_pages
-        if device_page.take(rows).tobytes() != dev_pages.tobytes():
-            device_page[rows] = -1
-            self.device_pages.unlock(dev_pages)
-            self.device_pages.free(dev_pages)
-            self._refuse_load(ids, rows)
-        self._next_op = op_id = self._next_op + 1
-        handle = LoadHandle(op_id, tuple(ids), rows, host_pages, dev_pages, table.removals, self)
-        dev, stream = self.device, self.load_stream
-        if b"\x01" in check:   # the host copy is still arriving: read it only once it has
-            busy = (state & BACKING_UP) != 0
-            for backup_id in np.unique(table.backup_id[rows[busy]]).tolist():
-                dev.wait(stream, table.ops[backup_id].event)
-        events = self._take_events(self.num_layers + 1)
-        if self._rules.load_waits_compute:
-            ev = events.pop()
-            dev.record(ev, self.compute_stream)
-            dev.wait(stream, ev)
-            handle.extra_events.append(ev)
-        else:
-            self._events.append(events.pop())
+        backups = []
+        if b"\x01" in check:
+            busy = rows[(state & BACKING_UP) != 0]
+            backups = [table.ops[i] for i in np.unique(table.backup_id[busy]).tolist()]
         if self._rules.host_locked_during_load:
             self.host_pages.lock(host_pages)
-            handle._host_locked = True
-        handle._src, handle._dst = self._transfer_indices(dev_pages, host_pages, stream,
-                                                          to_device=True)
-        if not self._by_page:   # token slots: the same tensor is device_indices
-            handle._device_indices = handle._dst
-            if self._cuda:
-                # the model reads them on its stream: keep the allocator from reusing them early
-                handle._dst.record_stream(self.compute_stream)
-        handle._events = events
-        if _nvtx_enabled():
-            tokens = n * self.page_size
-            for layer, ev in enumerate(events):
-                with nvtx_range(f"hicache.load L{layer} n={tokens}"):
-                    dev.launch(stream, partial(self._load_layer, handle=handle, layer=layer), handle)
-                    dev.record(ev, stream)
-        else:
-            dev.launch_layers(stream, self._load_layer, handle, events)
+        table.device_page[rows] = dev_pages
         table.state[rows] = _ON_LOAD.take(state)
         table.load_id[rows] = op_id
         stamps = table.stamps(n)
         table.device_used[rows] = stamps      # newly on the device: most recent
         table.host_used[rows] = stamps        # and touched on host
-        table.ops[op_id] = handle
-        self._loads.append(handle)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("load op %d: %d pages (%d tokens) host->device, %d layers%s",
-                      handle.op_id, n, n * self.page_size, self.num_layers,
-                      " by page" if self._by_page else "")
-        return handle
+        return rows, host_pages, dev_pages, backups
 
     def prefetch(self, page_ids: Sequence[Hashable]) -> tuple:
         """Fetch the stored prefix of ``page_ids`` (those not in the table) from
@@ -917,7 +927,7 @@ class HiCacheManager:
         table.state[mine] &= _NOT_LOADING
         del table.ops[h.op_id]
         h._done = True
-        self._events.extend(h._events)
+        self.device.release_layer_events(h._events)
         self._events.extend(h.extra_events)
         h.extra_events = []
         self._acks.append(Ack("load", h.op_id, h.page_ids))
@@ -1132,17 +1142,6 @@ class HiCacheManager:
     def _event(self):
         return self._events.pop() if self._events else self.device.event()
 
-    def _take_events(self, n: int) -> list:
-        """``n`` events, recycled ones first."""
-        pool = self._events
-        if len(pool) >= n:
-            events = pool[len(pool) - n:]
-            del pool[len(pool) - n:]
-            return events
-        events = pool[:] + [self.device.event() for _ in range(n - len(pool))]
-        pool.clear()
-        return events
-
     def _op_id(self) -> int:
         self._next_op += 1
         return self._next_op
@@ -1211,8 +1210,10 @@ class HiCacheManager:
                  str(dlay.dtype).removeprefix("torch."), self.page_size, self.device_pool.device)
         log.info("HiCache host pool: %s (%s)", self.host_pool.describe(), sized)
         load, backup = self._load_transfers[0], self._backup_transfer
-        log.info("HiCache transfers: load %s (%s), backup %s (%s); write policy %s; "
-                 "streams on %s: load priority %s, backup priority %s",
+        log.info("HiCache transfers: load %s (%s), backup %s (%s), %s; write policy %s; "
+                 "streams on %s: load priority %s, backup priority %s; page table: %s",
                  load.backend.name, load.reason, backup.backend.name, backup.reason,
+                 "whole pages" if self._by_page else "token slots (host layout splits pages)",
                  self.policy.value, self.device.name,
-                 getattr(self.load_stream, "priority", "?"), getattr(self.backup_stream, "priority", "?"))
+                 getattr(self.load_stream, "priority", "?"), getattr(self.backup_stream, "priority", "?"),
+                 "compiled load path" if self._claimer is not None else "numpy (fastload not built)")
