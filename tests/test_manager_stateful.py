@@ -69,6 +69,7 @@ class ManagerMachine(RuleBasedStateMachine):
     on_gpu = False
     rules_off: tuple[str, ...] = ()
     structural_checks = True
+    compiled = True   # False: loads take the numpy path only (no csrc/manager/fastload.c)
 
     def __init__(self):
         super().__init__()
@@ -90,6 +91,8 @@ class ManagerMachine(RuleBasedStateMachine):
             self.pool, device=self.dev, compute_stream=self.cs, write_policy=self.policy,
             host_layout=self.host_layout, hicache_ratio=self.ratio, backend=backend,
             host_reserve_gb=0, on_evict=self._on_evict)
+        if not self.compiled:
+            self.mgr._claimer = None
         for name in self.rules_off:
             assert hasattr(self.mgr._rules, name), name
             setattr(self.mgr._rules, name, False)
@@ -420,14 +423,16 @@ CPU_SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None,
                         suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.mark.parametrize("policy, host_layout", [
-    ("write_through", "layer_first"),
-    ("write_through_selective", "page_first"),
-    ("write_back", "page_first_direct"),
-    ("write_back", "page_head"),
+@pytest.mark.parametrize("policy, host_layout, compiled", [
+    ("write_through", "layer_first", True),
+    ("write_through_selective", "page_first", True),
+    ("write_back", "page_first_direct", True),
+    ("write_back", "page_head", True),
+    ("write_back", "layer_first", False),
+    ("write_through", "page_first", False),
 ])
-def test_manager_machine(policy, host_layout):
-    run_state_machine_as_test(_machine(policy=policy, host_layout=host_layout),
+def test_manager_machine(policy, host_layout, compiled):
+    run_state_machine_as_test(_machine(policy=policy, host_layout=host_layout, compiled=compiled),
                               settings=CPU_SETTINGS)
 
 

@@ -245,6 +245,17 @@ class LoadHandle(_Op):
             self._device_indices = self._manager._device_tokens(self.device_pages)
         return self._device_indices
 
+    def _make_indices(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
+        mgr = self._manager
+        self._src, self._dst = mgr._transfer_indices(self.device_pages, self.host_pages, stream,
+                                                     to_device=True)
+        if not mgr._by_page:   # token slots: the same tensor is device_indices
+            self._device_indices = self._dst
+            if mgr._cuda:
+                # the model reads them on its stream: keep the allocator from reusing them early
+                self._dst.record_stream(mgr.compute_stream)
+        return self._src, self._dst
+
     @property
     def host_indices(self) -> torch.Tensor:
         """The token slots (CPU) read from the host pool."""
@@ -352,12 +363,16 @@ def _run_transfer(transfer: Transfer, src: torch.Tensor, dst: torch.Tensor, cuda
 
 def _run_load_layer(transfers: list[Transfer], cuda: bool, stream, handle: "LoadHandle",
                     layer: int) -> None:
-    # indices valid by construction: no bounds check (a sync on GPU)
+    # The first layer's launch makes the index tensors (on GPU: copied on the load
+    # stream, ahead of every layer). Valid by construction: no bounds check (a sync).
+    src, dst = handle._src, handle._dst
+    if src is None:
+        src, dst = handle._make_indices(stream)
     if _nvtx_enabled():
         with nvtx_range(f"hicache.load L{layer} n={len(handle.page_ids) * handle._page_size}"):
-            transfers[layer](handle._src, handle._dst, stream=stream if cuda else None, check=False)
+            transfers[layer](src, dst, stream=stream if cuda else None, check=False)
     else:
-        transfers[layer](handle._src, handle._dst, stream=stream if cuda else None, check=False)
+        transfers[layer](src, dst, stream=stream if cuda else None, check=False)
 
 
 def _as_list(page_ids: Sequence[Hashable]) -> list | tuple:
@@ -688,13 +703,6 @@ class HiCacheManager:
             dev.record(ev, self.compute_stream)
             dev.wait(stream, ev)
             handle.extra_events.append(ev)
-        handle._src, handle._dst = self._transfer_indices(dev_pages, host_pages, stream,
-                                                          to_device=True)
-        if not self._by_page:   # token slots: the same tensor is device_indices
-            handle._device_indices = handle._dst
-            if self._cuda:
-                # the model reads them on its stream: keep the allocator from reusing them early
-                handle._dst.record_stream(self.compute_stream)
         handle._events = dev.launch_layers(stream, self._load_layer, handle, self.num_layers)
         table.ops[op_id] = handle
         self._loads.append(handle)
