@@ -16,6 +16,13 @@ Geometry: Llama-3.1-8B (32 layers, 8 KV heads x 128, bf16), 64-token pages. The 
 are never touched (memory stays virtual). The other serving-loop calls (hit, lookup,
 alloc_device with and without evicting, evict_device, poll retiring a load) are
 reported, not asserted, with 128 pages each; so is how load() scales with pages.
+
+What load() does here: the page-table work (one compiled call, csrc/manager/fastload.c),
+the handle, the wait on the compute stream and one layer-wise launch. The index
+tensors (one int64 page index per page and side) are made by the first layer's
+launch, which the emulation queues and never runs; on a GPU that launch happens
+inside load(). Both are also reported: load() plus making the index tensors, and
+load() on the numpy path alone (when the C extension is not built).
 """
 
 from __future__ import annotations
@@ -80,6 +87,27 @@ def test_schedule_layerwise_load(benchmark, layers):
     mgr.close()
     assert us <= TARGET_LOAD_US, (f"load() of {TOKENS} tokens, {layers} layer(s): {us:.1f} us, "
                                   f"target {TARGET_LOAD_US} us (docs/manager.md, Cost)")
+
+
+@pytest.mark.parametrize("variant", ["with index tensors", "numpy path"])
+def test_load_variants(benchmark, variant):
+    """Reported: load() plus what its first launch adds (the index tensors), and
+    load() without the compiled page-table call."""
+    mgr, dev, ids = _manager(LAYERS)
+    if variant == "numpy path":
+        mgr._claimer = None
+        call = mgr.load
+    else:
+        def call(ids):
+            mgr.load(ids)._make_indices(None)
+
+    def setup():
+        _reset(mgr, dev, ids)
+        return (ids,), {}
+
+    benchmark.pedantic(call, setup=setup, rounds=ROUNDS, warmup_rounds=50)
+    print(f"\nload() of {TOKENS} tokens, {LAYERS} layers, {variant}: {_median_us(benchmark):.1f} us")
+    mgr.close()
 
 
 @pytest.mark.parametrize("pages", [1, 8, 32])

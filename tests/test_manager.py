@@ -5,6 +5,7 @@ test_manager_stateful.py; these pin down each documented behaviour once."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -511,6 +512,36 @@ def test_gpu_layerwise_load_with_a_busy_compute_stream(gen):
     assert torch.equal(got0[0], want[0]) and torch.equal(got0[1], want[4])
     for t, w in zip(pool.tensors(), want):
         assert torch.equal(t[h.device_indices], w)
+    mgr.close()
+
+
+@pytest.mark.gpu
+def test_gpu_calls_do_not_block_on_a_busy_stream():
+    """alloc_device, load (its index copies) and backup return while the compute
+    stream is still busy: index copies come from pinned memory, which CUDA queues
+    (from pageable memory it would first wait for the stream)."""
+    lay = KVLayout("layer_first", num_layers=4, num_slots=64 * P, head_num=8, head_dim=128,
+                   dtype=torch.bfloat16, page_size=P)
+    k = [torch.zeros(lay.num_slots, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
+    pool = KVBuffer.from_layers(k, [torch.zeros_like(t) for t in k], page_size=P)
+    compute = torch.cuda.Stream()
+    mgr = HiCacheManager(pool, compute_stream=compute, host_reserve_gb=0)
+    mgr.alloc_host(list(range(16)))
+    mgr.load(list(range(4))).synchronize()       # warm: transfers, allocators
+    mgr.poll()
+    with torch.cuda.stream(compute):
+        torch.cuda._sleep(2_000_000_000)        # about a second of a busy forward pass
+    start = time.perf_counter()
+    mgr.alloc_device(list(range(100, 108)))
+    h = mgr.load(list(range(8, 16)))
+    mgr.backup(list(range(100, 108)))
+    took = time.perf_counter() - start
+    busy = not compute.query()
+    torch.cuda.synchronize()
+    mgr.poll()
+    assert h.done
+    assert busy, "the sleep finished before the calls returned: the test proves nothing"
+    assert took < 0.1, f"the calls blocked for {took * 1e3:.0f} ms on the busy stream"
     mgr.close()
 
 

@@ -27,6 +27,7 @@ enum { USED = 1 };
 typedef struct {
   PyObject* owner;      /* borrowed from the claimer */
   const char* name;
+  PyObject* name_obj;   /* interned: attribute lookups by object are the cheap kind */
   Py_ssize_t itemsize;
   int writable;
   PyObject* array;      /* the object whose buffer is held (NULL: none yet) */
@@ -56,7 +57,7 @@ static void drop(Column* c) {
 /* Hold the current buffer of the column's attribute (a no-op while it is the
  * same object). */
 static int refresh(Column* c) {
-  PyObject* obj = PyObject_GetAttrString(c->owner, c->name);
+  PyObject* obj = PyObject_GetAttr(c->owner, c->name_obj);
   if (obj == NULL) return -1;
   if (obj == c->array) {
     Py_DECREF(obj);
@@ -80,18 +81,21 @@ static int refresh(Column* c) {
 
 static Py_ssize_t length(const Column* c) { return c->view.shape[0]; }
 
-static int get_ssize(PyObject* owner, const char* name, Py_ssize_t* out) {
-  PyObject* obj = PyObject_GetAttrString(owner, name);
+/* Attribute names other than the columns', interned once (PyInit__fastload). */
+static PyObject *s_top, *s_clock, *s_index;
+
+static int get_ssize(PyObject* owner, PyObject* name, Py_ssize_t* out) {
+  PyObject* obj = PyObject_GetAttr(owner, name);
   if (obj == NULL) return -1;
   *out = PyLong_AsSsize_t(obj);
   Py_DECREF(obj);
   return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
-static int set_ssize(PyObject* owner, const char* name, Py_ssize_t value) {
+static int set_ssize(PyObject* owner, PyObject* name, Py_ssize_t value) {
   PyObject* obj = PyLong_FromSsize_t(value);
   if (obj == NULL) return -1;
-  int rc = PyObject_SetAttrString(owner, name, obj);
+  int rc = PyObject_SetAttr(owner, name, obj);
   Py_DECREF(obj);
   return rc;
 }
@@ -118,6 +122,8 @@ static int claimer_init(LoadClaimer* self, PyObject* args, PyObject* kwds) {
     Column* c = &self->columns[i];
     c->owner = owners[spec[i].owner];
     c->name = spec[i].name;
+    Py_XSETREF(c->name_obj, PyUnicode_InternFromString(spec[i].name));
+    if (c->name_obj == NULL) return -1;
     c->itemsize = spec[i].itemsize;
     c->writable = i != RAMP;   /* the LRU ramp is read-only: only its length is used */
     if (refresh(c) < 0) return -1;
@@ -126,7 +132,10 @@ static int claimer_init(LoadClaimer* self, PyObject* args, PyObject* kwds) {
 }
 
 static void claimer_dealloc(LoadClaimer* self) {
-  for (int i = 0; i < NUM_COLUMNS; ++i) drop(&self->columns[i]);
+  for (int i = 0; i < NUM_COLUMNS; ++i) {
+    drop(&self->columns[i]);
+    Py_CLEAR(self->columns[i].name_obj);
+  }
   Py_XDECREF(self->table);
   Py_XDECREF(self->device_alloc);
   Py_XDECREF(self->host_alloc);
@@ -161,13 +170,13 @@ static PyObject* claimer_claim(LoadClaimer* self, PyObject* const* args, Py_ssiz
   PyObject** items = PySequence_Fast_ITEMS(ids);
 
   Py_ssize_t top, clock;
-  if (get_ssize(self->device_alloc, "_top", &top) < 0 || get_ssize(self->table, "clock", &clock) < 0)
+  if (get_ssize(self->device_alloc, s_top, &top) < 0 || get_ssize(self->table, s_clock, &clock) < 0)
     return NULL;
   if (n == 0 || n > top) Py_RETURN_FALSE;   /* the device pool must evict first */
   for (int i = 0; i < NUM_COLUMNS; ++i)
     if (refresh(&self->columns[i]) < 0) return NULL;
 
-  PyObject* index = PyObject_GetAttrString(self->table, "index");
+  PyObject* index = PyObject_GetAttr(self->table, s_index);
   if (index == NULL) return NULL;
   PyObject* result = NULL;
   Py_buffer outv;
@@ -253,7 +262,7 @@ static PyObject* claimer_claim(LoadClaimer* self, PyObject* const* args, Py_ssiz
     device_used[r] = clock + i;
     host_used[r] = clock + i;
   }
-  if (set_ssize(self->device_alloc, "_top", first) < 0 || set_ssize(self->table, "clock", clock + n) < 0)
+  if (set_ssize(self->device_alloc, s_top, first) < 0 || set_ssize(self->table, s_clock, clock + n) < 0)
     goto done;
   result = Py_True;
 
@@ -290,6 +299,10 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__fastload(void) {
+  s_top = PyUnicode_InternFromString("_top");
+  s_clock = PyUnicode_InternFromString("clock");
+  s_index = PyUnicode_InternFromString("index");
+  if (s_top == NULL || s_clock == NULL || s_index == NULL) return NULL;
   if (PyType_Ready(&LoadClaimerType) < 0) return NULL;
   PyObject* m = PyModule_Create(&module);
   if (m == NULL) return NULL;

@@ -1144,6 +1144,10 @@ class HiCacheManager:
         t = torch.from_numpy(slots)
         if not self._cuda:
             return t
+        # From pageable memory CUDA synchronizes the stream before copying (the CPU would
+        # wait for the loads or the forward pass queued there); from pinned memory the copy
+        # is queued. torch keeps the pinned block until the copy has run.
+        t = t.pin_memory()
         with torch.cuda.stream(stream):
             return t.to(self.device_pool.device, non_blocking=True)
 
