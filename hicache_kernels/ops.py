@@ -27,7 +27,7 @@ import torch
 from . import backends
 from .buffers import KVBuffer
 from .nvtx_ranges import enabled as nvtx_enabled, nvtx_range
-from .plan import PlaneSet, TransferPlan
+from .plan import PlaneSet, TransferPlan, indices_to
 
 __all__ = ["Transfer", "transfer", "load_layer", "backup_all_layers", "execute"]
 
@@ -233,5 +233,5 @@ def _check_indices(plan: TransferPlan, src_indices, dst_indices, kernel_device,
             f"{names[1]}: expected {out[0].numel()} indices like {names[0]}, got {out[1].numel()}"
         )
     if kernel_device is not None:
-        out = [i.to(kernel_device, non_blocking=True).contiguous() for i in out]
+        out = [indices_to(i, kernel_device).contiguous() for i in out]
     return out

@@ -19,7 +19,7 @@ import torch
 
 from .layouts import PlaneAddressing, _pow2_alignment
 
-__all__ = ["PlaneSet", "TransferPlan", "address_table", "tensor_at"]
+__all__ = ["PlaneSet", "TransferPlan", "address_table", "tensor_at", "indices_to"]
 
 
 @dataclass
@@ -161,6 +161,20 @@ def address_table(bases: Sequence[int] | torch.Tensor, device: torch.device) -> 
     else:
         _TABLE_CACHE.move_to_end(key)
     return table
+
+
+def indices_to(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``indices`` on ``device``, queued on the current stream without blocking the CPU.
+
+    From pageable host memory CUDA synchronizes the stream before copying (the CPU
+    would wait for everything queued there); from pinned memory the copy is queued,
+    and torch keeps the pinned block until it has run.
+    """
+    if indices.device == device:
+        return indices
+    if indices.device.type == "cpu" and device.type == "cuda" and not indices.is_pinned():
+        indices = indices.pin_memory()
+    return indices.to(device, non_blocking=True)
 
 
 class _CudaArray:

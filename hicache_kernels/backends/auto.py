@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from ..plan import PlaneSet, TransferPlan
+from ..plan import PlaneSet, TransferPlan, indices_to
 from . import copy_engine, thresholds
 
 __all__ = ["choose_on_gpu", "longest_run_bytes", "AutoDispatch"]
@@ -74,8 +74,8 @@ class AutoDispatch:
         self.last_choice = self.kernel.name
         device = plan.device
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            src_indices = src_indices.to(device, non_blocking=True)
-            dst_indices = dst_indices.to(device, non_blocking=True)
+            src_indices = indices_to(src_indices, device)
+            dst_indices = indices_to(dst_indices, device)
         self.kernel.run(plan, src_indices, dst_indices, sm_budget=sm_budget, num_warps=num_warps,
                         stream=stream)
 

@@ -61,6 +61,7 @@ from ..buffers import KVBuffer
 from ..layouts import KVLayout
 from ..nvtx_ranges import enabled as _nvtx_enabled, nvtx_range
 from ..ops import Transfer
+from ..plan import indices_to
 from .device import CudaDevice, Device, EmulatedDevice
 from .host_pool import HostPool, host_pool_slots
 from .pages import (BACKING_UP, DEVICE, FETCHING, HOST, LOADING, PINNED, OutOfPages,
@@ -1144,12 +1145,8 @@ class HiCacheManager:
         t = torch.from_numpy(slots)
         if not self._cuda:
             return t
-        # From pageable memory CUDA synchronizes the stream before copying (the CPU would
-        # wait for the loads or the forward pass queued there); from pinned memory the copy
-        # is queued. torch keeps the pinned block until the copy has run.
-        t = t.pin_memory()
-        with torch.cuda.stream(stream):
-            return t.to(self.device_pool.device, non_blocking=True)
+        with torch.cuda.stream(stream):   # queued there, never blocking (pinned staging)
+            return indices_to(t, self.device_pool.device)
 
     def _event(self):
         return self._events.pop() if self._events else self.device.event()
