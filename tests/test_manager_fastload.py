@@ -72,21 +72,6 @@ def _snapshot(mgr) -> dict:
     return out
 
 
-def _call(mgr, what, args):
-    try:
-        result = getattr(mgr, what)(*args)
-    except (ValueError, KeyError, TypeError, OutOfPages) as exc:
-        return type(exc).__name__, str(exc)
-    if what == "load":
-        return ("handle", result.page_ids, result.rows.tolist(), result.host_pages.tolist(),
-                result.device_pages.tolist())
-    if isinstance(result, torch.Tensor):
-        return result.tolist()
-    if what == "poll":
-        return [(a.kind, a.op_id, a.page_ids) for a in result]
-    return result
-
-
 def _random_call(rng: random.Random, mgr, known: list, next_id: list):
     """A random manager call, as (method, args, kwargs); ``mgr`` only guides the choice."""
     r = rng.random()
