@@ -76,7 +76,9 @@ def _random_call(rng: random.Random, mgr, known: list, next_id: list):
     """A random manager call, as (method, args, kwargs); ``mgr`` only guides the choice."""
     r = rng.random()
     if r < 0.45 and known:   # a load: usually of host-only pages, sometimes a bad list
-        host_only = [i for i, s in zip(known, mgr.lookup(known)) if s == PageState.HOST]
+        # on host only (perhaps still being backed up there): loadable
+        host_only = [i for i, s in zip(known, mgr.lookup(known))
+                     if s & (PageState.DEVICE | PageState.HOST) == PageState.HOST]
         pool = host_only if host_only and rng.random() < 0.8 else known
         ids = rng.sample(pool, min(len(pool), rng.randint(1, 10)))
         twist = rng.random()
