@@ -89,9 +89,11 @@ def test_round_trip_through_host(host_layout, mla, dtype, gen):
 
 @pytest.mark.skipif(HAS_GPU, reason="Triton runs CPU tensors only in its interpreter, "
                     "which conftest enables only without a GPU")
-def test_triton_interpreter_path(gen):
+@pytest.mark.parametrize("host_layout", ["page_first", "layer_first"])   # tokens; whole pages
+def test_triton_interpreter_path(host_layout, gen):
     """The same manager with the Triton backend (interpreter on CPU), a small case."""
-    mgr, _ = make(backend="triton", layers=2, pages=2, host_layout="page_first")
+    mgr, _ = make(backend="triton", layers=2, pages=2, host_layout=host_layout)
+    assert mgr._by_page == (host_layout == "layer_first")
     data = write_pages(mgr, [1, 2], gen)
     mgr.backup([1, 2])
     mgr.poll()

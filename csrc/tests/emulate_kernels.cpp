@@ -578,12 +578,16 @@ int main(int argc, char** argv) {
   auto pick = [&](std::initializer_list<int64_t> v) { return *(v.begin() + rng() % v.size()); };
   for (int i = 0; i < n_random; ++i) {
     Case c{};
-    const bool mla = rng() % 4 == 0;
+    // One case in eight moves whole pages as items, as the manager does
+    // (KVLayout.page_items: one head of page_size * item bytes, page size 1).
+    const bool page_items = rng() % 8 == 0;
+    const bool mla = page_items || rng() % 4 == 0;
     const int64_t L = pick({1, 2, 3, 4});
     const int64_t H = mla ? 1 : pick({1, 2, 3, 4, 8});
     // head bytes: every alignment from 1 to 16 and odd sizes (fp8 head_dim 5 is 5 bytes)
-    const int64_t hb = pick({1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 36, 40, 64, 72, 128, 144, 256, 576});
-    const int64_t P = pick({1, 1, 2, 3, 4, 16, 64});
+    const int64_t hb = page_items ? pick({1040, 4096, 36864, 131072})
+                                  : pick({1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 36, 40, 64, 72, 128, 144, 256, 576});
+    const int64_t P = page_items ? 1 : pick({1, 1, 2, 3, 4, 16, 64});
     Kind kinds[4] = {LAYER_FIRST, PAGE_FIRST, PAGE_FIRST_DIRECT, PAGE_HEAD};
     Kind ks = kinds[rng() % 4], kd = kinds[rng() % 4];
     if (mla) {  // SGLang has no MLA page_head
@@ -593,7 +597,8 @@ int main(int argc, char** argv) {
     const int64_t pages_s = pick({1, 2, 5, 9}), pages_d = pick({1, 3, 6});
     c.src = Layout{ks, L, P * pages_s, H, hb, P, ks == LAYER_FIRST && rng() % 2};
     c.dst = Layout{kd, L, P * pages_d, H, hb, P, kd == LAYER_FIRST && rng() % 2};
-    if (rng() % 5 == 0) c.dst.N = c.src.N = std::max(c.src.N, c.dst.N) + P * 40;  // more items than a tile
+    if (!page_items && rng() % 5 == 0)  // more items than a tile
+      c.dst.N = c.src.N = std::max(c.src.N, c.dst.N) + P * 40;
     c.planes_per_layer = mla ? 1 : 2;
     c.layer_begin = int64_t(rng() % uint64_t(L));
     c.layer_end = rng() % 2 ? L : c.layer_begin + 1;
