@@ -158,3 +158,23 @@ def test_compiled_claim_matches_numpy(policy, seed):
         m.device.run_all()
         m.poll()
         m.close()
+
+
+def test_ids_with_python_hash_and_equality():
+    """Ids whose hash and equality are Python code (a frozen dataclass, a radix node)
+    take the compiled path like built-in ones."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Node:
+        prefix: tuple
+
+    mgrs = [_manager("write_through", True), _manager("write_through", False)]
+    ids = [Node((i, i + 1)) for i in range(6)]
+    for m in mgrs:
+        m.alloc_host(ids)
+    outcomes = [_call(m, "load", ([Node((4, 5)), Node((0, 1))],), {}) for m in mgrs]
+    assert outcomes[0] == outcomes[1] and outcomes[0][0] == "handle"
+    assert mgrs[0]._claimer.outcomes[True] == 1
+    for m in mgrs:
+        m.close()

@@ -165,7 +165,9 @@ static PyObject* claimer_claim(LoadClaimer* self, PyObject* const* args, Py_ssiz
   const long long op_id = PyLong_AsLongLong(args[2]);
   const int lock_host = PyObject_IsTrue(args[3]);
   if ((op_id == -1 && PyErr_Occurred()) || lock_host < 0) return NULL;
-  if (!PyList_CheckExact(ids) && !PyTuple_CheckExact(ids)) Py_RETURN_FALSE;
+  /* A tuple, and every column's buffer held: an id whose hash or equality runs
+   * Python code cannot make this call read or write freed memory. */
+  if (!PyTuple_CheckExact(ids)) Py_RETURN_FALSE;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(ids);
   PyObject** items = PySequence_Fast_ITEMS(ids);
 

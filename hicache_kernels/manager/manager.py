@@ -685,6 +685,7 @@ class HiCacheManager:
         # The serving loop's hot path. The page-table half is one compiled call
         # in the common case (csrc/manager/fastload.c), else _claim_load.
         op_id = self._next_op + 1
+        ids = tuple(ids)     # the handle's own copy, and fixed under the compiled call
         claimed = np.empty((3, len(ids)), dtype=np.int64)
         if self._claimer is not None and self._claimer.claim(
                 ids, claimed, op_id, self._rules.host_locked_during_load):
@@ -694,7 +695,7 @@ class HiCacheManager:
             rows, host_pages, dev_pages, backups = self._claim_load(ids, op_id)
         self._next_op = op_id
         table = self.table
-        handle = LoadHandle(op_id, tuple(ids), rows, host_pages, dev_pages, table.removals, self)
+        handle = LoadHandle(op_id, ids, rows, host_pages, dev_pages, table.removals, self)
         handle._host_locked = self._rules.host_locked_during_load
         dev, stream = self.device, self.load_stream
         for backup in backups:   # a host copy still arriving: read it only once it has
