@@ -105,11 +105,11 @@ class KVBuffer:
         )
         return cls(layout, k_layers, None if v_layers is None else list(v_layers))
 
-    def page_items(self) -> "KVBuffer | None":
+    def page_items(self, page_size: int | None = None) -> "KVBuffer | None":
         """This buffer's memory with one item per page (:meth:`KVLayout.page_items`),
         or None where the layout has no such view. Shares storage: writes through
         one show in the other."""
-        lay = self.layout.page_items()
+        lay = self.layout.page_items(page_size)
         if lay is None:
             return None
         row_shape = (lay.num_slots, lay.head_num, lay.head_dim)

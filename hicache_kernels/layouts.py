@@ -247,19 +247,23 @@ class KVLayout:
                 runs.append([start, hb])
         return [(offset, nbytes) for offset, nbytes in runs]
 
-    def page_items(self) -> "KVLayout | None":
+    def page_items(self, page_size: int | None = None) -> "KVLayout | None":
         """The same memory described with one item per page (``page_size``
-        consecutive slots become one slot of ``page_size * item_bytes``), or None
-        when a page is not one contiguous run in each plane (``page_first``,
-        ``page_head``) or the slots do not divide into pages.
+        consecutive slots, default ``self.page_size``, become one slot of
+        ``page_size * item_bytes``), or None when a page is not one contiguous run
+        in each plane (``page_first``, ``page_head``, ``page_first_direct`` with
+        other pages) or the slots do not divide into pages.
 
         Moving page ``p`` of this layout moves slots ``p*P .. p*P+P-1`` of the
         original, so a caller that works in pages passes ``P`` times fewer
         indices (the manager's loads and backups).
         """
-        P = self.page_size
-        if self.kind not in (LayoutKind.LAYER_FIRST, LayoutKind.PAGE_FIRST_DIRECT) \
-                or self.num_slots % P:
+        P = self.page_size if page_size is None else page_size
+        if self.kind is LayoutKind.LAYER_FIRST:
+            pass                       # slots are contiguous whatever the page size
+        elif self.kind is not LayoutKind.PAGE_FIRST_DIRECT or P != self.page_size:
+            return None
+        if P < 1 or self.num_slots % P:
             return None
         return self.with_(num_slots=self.num_slots // P, head_num=1,
                           head_dim=P * self.head_num * self.head_dim, page_size=1)

@@ -137,8 +137,10 @@ def test_page_items_describe_the_same_bytes(kind, mla):
             assert max(ends) - start == pages.item_bytes == P * lay.item_bytes
 
 
-def test_page_items_of_uneven_pools():
+def test_page_items_of_other_page_sizes():
     assert _layout("layer_first", num_slots=N + 3).page_items() is None
+    assert _layout("layer_first", page_size=1).page_items(P).num_slots == N // P
+    assert _layout("page_first_direct").page_items(2 * P) is None
 
 
 @pytest.mark.parametrize("per_layer", [False, True])

@@ -556,6 +556,7 @@ def test_page_size_option_on_a_per_layer_pool(gen):
                          host_reserve_gb=0)
     assert mgr.page_size == 8 and mgr.device_pages.num_pages == 4
     assert mgr.host_pool.layout.page_size == 8
+    assert not mgr._by_page          # page_head splits a page; see the next test
     data = write_pages(mgr, ["a"], gen)
     mgr.backup(["a"])
     mgr.evict_device(["a"])
@@ -566,6 +567,26 @@ def test_page_size_option_on_a_per_layer_pool(gen):
         HiCacheManager(pool, page_size=0, host_reserve_gb=0)
     with pytest.raises(ValueError, match="larger than the device pool"):
         HiCacheManager(pool, page_size=64, host_reserve_gb=0)
+
+
+def test_whole_pages_on_a_per_layer_pool_of_page_size_one(gen):
+    """SGLang's per-layer device pool (layout page size 1) with 8-token manager pages
+    still moves whole pages, and the bytes land where device_indices say."""
+    k = [torch.empty(32, 2, 8, dtype=torch.float16) for _ in range(2)]
+    pool = KVBuffer.from_layers(k, [torch.empty_like(t) for t in k])
+    for t in pool.tensors():
+        poison_(t)
+    mgr = HiCacheManager(pool, page_size=8, backend="reference", host_reserve_gb=0)
+    assert mgr._by_page and mgr._load_transfers[0].plan.item_bytes == 8 * 2 * 8 * 2
+    data = write_pages(mgr, ["a", "b"], gen)
+    mgr.backup(["a", "b"])
+    mgr.evict_device(["a", "b"])
+    for t in pool.tensors():
+        poison_(t)
+    h = mgr.load(["b", "a"])
+    assert torch.equal(slots_bytes(pool, h.device_indices),
+                       torch.cat([data[:, 8:], data[:, :8]], dim=1))
+    mgr.close()
 
 
 def test_a_row_reused_while_its_old_transfer_is_in_flight_keeps_its_own_state(gen):

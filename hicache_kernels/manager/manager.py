@@ -473,7 +473,7 @@ class HiCacheManager:
         self._host_slots = np.arange(host_slots, dtype=np.int64).reshape(-1, P)
         # Transfers move whole pages (one index per page, P times fewer than
         # tokens) where both layouts keep a page's slots contiguous in each plane.
-        host_paged, device_paged = host.page_items(), device_pool.page_items()
+        host_paged, device_paged = host.page_items(P), device_pool.page_items(P)
         self._by_page = host_paged is not None and device_paged is not None \
             and device_paged.layout.num_slots == device_pages
         if self._by_page:
