@@ -529,7 +529,11 @@ def test_gpu_calls_do_not_block_on_a_busy_stream():
     compute = torch.cuda.Stream()
     mgr = HiCacheManager(pool, compute_stream=compute, host_reserve_gb=0)
     mgr.alloc_host(list(range(16)))
-    mgr.load(list(range(4))).synchronize()       # warm: transfers, allocators
+    # warm, with the same sizes: kernels, address tables, pinned staging blocks
+    mgr.alloc_device(list(range(200, 208)))
+    mgr.load(list(range(8)))
+    mgr.backup(list(range(200, 208)))
+    mgr.synchronize()
     mgr.poll()
     with torch.cuda.stream(compute):
         torch.cuda._sleep(2_000_000_000)        # about a second of a busy forward pass
