@@ -286,7 +286,7 @@ def test_gpu_host_indices_do_not_block_on_a_busy_stream(gen):
     h_idx, d_idx = paged_indices(512, 384, 300, 16, gen)
     load = Transfer(host, dev, layers=1, backend="triton")
     stream = torch.cuda.Stream()
-    load(h_idx.cuda(), d_idx.cuda(), stream=stream)      # warm: compile, address tables
+    load(h_idx, d_idx, stream=stream)      # warm: compile, address tables, pinned staging
     stream.synchronize()
     with torch.cuda.stream(stream):
         torch.cuda._sleep(2_000_000_000)                 # about a second of earlier work
