@@ -312,8 +312,14 @@ class EmulatedDevice(Device):
 
     def pending(self) -> list[tuple[str, Any]]:
         """(stream name, tag) of each queued launch, oldest first per stream."""
-        return [(s.name, op[2]) for s in self.streams for op in s.ops for _ in range(
-            op[0].num_layers - op[0].next_layer if type(op[0]) is _LayerRun else op[0] is not None)]
+        out = []
+        for s in self.streams:
+            for work, _args, tag, _wait in s.ops:
+                if type(work) is _LayerRun:   # one launch per layer still to run
+                    out.extend([(s.name, tag)] * (work.num_layers - work.next_layer))
+                elif work is not None:        # (None: a wait)
+                    out.append((s.name, tag))
+        return out
 
     def describe(self) -> str:
         return ", ".join(f"{s.name}: {len(s.ops)} queued" for s in self.streams)

@@ -217,8 +217,8 @@ class LoadHandle(_Op):
             the host (int64 numpy), in ``page_ids`` order.
     """
 
-    __slots__ = ("_manager", "_device", "_events", "_host_locked", "_done", "_page_size",
-                 "_src", "_dst", "_device_indices")
+    __slots__ = ("_manager", "_device", "_events", "_host_locked", "_done", "_src", "_dst",
+                 "_device_indices")
 
     def __init__(self, op_id, page_ids, rows, host_pages, device_pages, removals, manager):
         # _Op's fields set here too: this runs on every load()
@@ -234,7 +234,6 @@ class LoadHandle(_Op):
         self._events: list = []
         self._host_locked = False
         self._done = False
-        self._page_size = manager.page_size
         self._src = self._dst = None       # the indices the layer transfers read
         self._device_indices = None
 
@@ -282,7 +281,7 @@ class LoadHandle(_Op):
         if stream is None:
             stream = dev.current_stream()
         if _nvtx_enabled():
-            with nvtx_range(f"hicache.wait L{layer} n={len(self.page_ids) * self._page_size}"):
+            with nvtx_range(f"hicache.wait L{layer} n={len(self.page_ids) * self._manager.page_size}"):
                 dev.wait(stream, self._events[layer])
         else:
             dev.wait(stream, self._events[layer])
@@ -370,7 +369,7 @@ def _run_load_layer(transfers: list[Transfer], cuda: bool, stream, handle: "Load
     if src is None:
         src, dst = handle._make_indices(stream)
     if _nvtx_enabled():
-        with nvtx_range(f"hicache.load L{layer} n={len(handle.page_ids) * handle._page_size}"):
+        with nvtx_range(f"hicache.load L{layer} n={len(handle.page_ids) * handle._manager.page_size}"):
             transfers[layer](src, dst, stream=stream if cuda else None, check=False)
     else:
         transfers[layer](src, dst, stream=stream if cuda else None, check=False)
@@ -474,8 +473,7 @@ class HiCacheManager:
         # Transfers move whole pages (one index per page, P times fewer than
         # tokens) where both layouts keep a page's slots contiguous in each plane.
         host_paged, device_paged = host.page_items(P), device_pool.page_items(P)
-        self._by_page = host_paged is not None and device_paged is not None \
-            and device_paged.layout.num_slots == device_pages
+        self._by_page = host_paged is not None and device_paged is not None
         if self._by_page:
             host, device_pool = host_paged, device_paged
 
@@ -931,37 +929,37 @@ class HiCacheManager:
         if h._host_locked:
             self.host_pages.unlock(h.host_pages)
         self.device_pages.unlock(h.device_pages)
-        table = self.table
-        mine = h.own_rows(table, table.load_id)
-        table.load_id[mine] = 0
-        table.state[mine] &= _NOT_LOADING
-        del table.ops[h.op_id]
         h._done = True
         self.device.release_layer_events(h._events)
-        self._events.extend(h.extra_events)
-        h.extra_events = []
-        self._acks.append(Ack("load", h.op_id, h.page_ids))
-        log.debug("load op %d done", h.op_id)
+        self._retire(h, "load", self.table.load_id, _NOT_LOADING)
 
     def _finish_backup(self, op: _Backup) -> None:
         if op.device_locked:
             self.device_pages.unlock(op.device_pages)
         self.host_pages.unlock(op.host_pages)
-        table = self.table
-        done = op.own_rows(table, table.backup_id)
-        table.backup_id[done] = 0
-        table.state[done] &= _NOT_BACKING_UP
-        del table.ops[op.op_id]
         self._events.append(op.event)
-        self._events.extend(op.extra_events)
-        self._acks.append(Ack("backup", op.op_id, op.page_ids))
-        log.debug("backup op %d done", op.op_id)
+        done = self._retire(op, "backup", self.table.backup_id, _NOT_BACKING_UP)
         if self.storage is not None and self.config.storage_write_through:
-            done = table.views(done)
+            done = self.table.views(done)
             # pages still on host in the slots this backup filled
             live = [e for e in done if self.table.get(e.page_id) is e and e.storing is None]
             if live:
                 self._store(live)
+
+    def _retire(self, op: _Op, kind: str, op_ids: np.ndarray, clear: np.uint8) -> np.ndarray:
+        """What finishing a load and a backup share: the op's rows (those still its
+        own; ``op_ids`` is the table's column naming it) stop being in flight, its
+        events go back to the pool, and an ack is queued. Returns those rows."""
+        table = self.table
+        rows = op.own_rows(table, op_ids)
+        op_ids[rows] = 0
+        table.state[rows] &= clear
+        del table.ops[op.op_id]
+        self._events.extend(op.extra_events)
+        op.extra_events = []
+        self._acks.append(Ack(kind, op.op_id, op.page_ids))
+        log.debug("%s op %d done", kind, op.op_id)
+        return rows
 
     def _store(self, entries: list[PageEntry]) -> None:
         pages = np.array([e.host_page for e in entries], dtype=np.int64)
@@ -1136,8 +1134,7 @@ class HiCacheManager:
         else:
             dev = self._device_slots.take(device_pages, axis=0).ravel()
             host = self._host_slots.take(host_pages, axis=0).ravel()
-        dev = self._to_device(dev, stream)
-        host = self._to_device(host, stream) if self._cuda else torch.from_numpy(host)
+        dev, host = self._to_device(dev, stream), self._to_device(host, stream)
         return (host, dev) if to_device else (dev, host)
 
     def _to_device(self, slots: np.ndarray, stream) -> torch.Tensor:
