@@ -142,13 +142,6 @@ static void claimer_dealloc(LoadClaimer* self) {
   Py_TYPE(self)->tp_free((PyObject*)self);
 }
 
-/* release(): let go of the buffers (the arrays may be resized or freed after). */
-static PyObject* claimer_release(LoadClaimer* self, PyObject* unused) {
-  (void)unused;
-  for (int i = 0; i < NUM_COLUMNS; ++i) drop(&self->columns[i]);
-  Py_RETURN_NONE;
-}
-
 #define DECLINE() do { result = Py_False; goto done; } while (0)
 
 /* claim(ids, out, op_id, lock_host) -> bool
@@ -279,8 +272,6 @@ static PyMethodDef claimer_methods[] = {
     {"claim", (PyCFunction)(void (*)(void))claimer_claim, METH_FASTCALL,
      "claim(ids, out, op_id, lock_host) -> bool: the common case of "
      "HiCacheManager._claim_load; False (nothing changed) otherwise."},
-    {"release", (PyCFunction)claimer_release, METH_NOARGS,
-     "Let go of the page table's buffers."},
     {NULL, NULL, 0, NULL},
 };
 
