@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hicache_kernels import KVBuffer, KVLayout, LayoutKind
+from conftest import assert_bytes_equal, poison_, random_bytes_
+from hicache_kernels import KVBuffer, KVLayout, LayoutKind, transfer
 from hicache_kernels.layouts import layer_view
 
 L, N, H, D, P = 3, 32, 2, 5, 8
@@ -145,10 +146,8 @@ def test_page_items_of_other_page_sizes():
 
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_page_items_buffer_shares_memory(per_layer, gen):
-    """A page-granular transfer moves exactly the bytes of the token transfer it stands for."""
-    from conftest import assert_bytes_equal, poison_, random_bytes_
-    from hicache_kernels import transfer
-
+    """A page-granular transfer moves exactly the bytes of the token transfer it stands
+    for, padding (a negative page) included."""
     lay = _layout("layer_first")
     host = KVBuffer.allocate(lay.with_(kind="page_first_direct"))
     if per_layer:
@@ -159,10 +158,11 @@ def test_page_items_buffer_shares_memory(per_layer, gen):
         dev = KVBuffer.allocate(lay)
     for t in host.tensors():
         random_bytes_(t, gen)
-    host_pages, dev_pages = torch.tensor([3, 0, 2]), torch.tensor([1, 2, 0])
+    host_pages, dev_pages = torch.tensor([3, -1, 0, 2]), torch.tensor([1, 3, 2, 0])
     # the token transfer, on a poisoned copy of the device pool
     ref = KVBuffer.allocate(lay)
-    poison_(ref.k), poison_(ref.v)
+    for t in ref.tensors():
+        poison_(t)
     tokens = lambda pages: (pages[:, None] * P + torch.arange(P)).ravel()
     transfer(host, ref, tokens(host_pages), tokens(dev_pages), backend="reference")
     # the page transfer through the views, on the poisoned device pool itself
