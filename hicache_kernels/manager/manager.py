@@ -64,9 +64,11 @@ from ..ops import Transfer
 from ..plan import indices_to
 from .device import CudaDevice, Device, EmulatedDevice
 from .host_pool import HostPool, host_pool_slots
+from .observer import observer_of
 from .pages import (BACKING_UP, DEVICE, FETCHING, HOST, LOADING, PINNED, OutOfPages,
                     PageAllocator, PageEntry, PageTable, clear_mask)
 from .policy import WritePolicy, device_victims, host_victims
+from .tp import TensorParallel
 
 try:   # the compiled common case of a load's page-table work (setup.py builds it)
     from . import _fastload
@@ -117,6 +119,10 @@ class HiCacheConfig:
     """GiB of host memory the pool must leave free; it fails early otherwise."""
     storage_write_through: bool = True
     """with a storage tier, write each page to it once its backup reaches host."""
+    tp_rank: int = 0
+    """this rank of a tensor-parallel group (storage prefetch agrees across ranks)."""
+    tp_size: int = 1
+    """ranks in the tensor-parallel group; > 1 needs torch.distributed (``tp_group``)."""
 
 
 class PageState(enum.IntFlag):
@@ -402,6 +408,10 @@ class HiCacheManager:
             page ids are then its keys (``hicache_kernels.storage.page_keys``).
         on_evict: called with an :class:`Eviction` after every eviction, so the
             caller's tree stays in step.
+        observers: objects told of every change (:class:`.observer.ManagerObserver`):
+            :mod:`hicache_kernels.observers` publishes KV events and metrics. None: off.
+        tp_group: the ``torch.distributed`` group of the tensor-parallel ranks
+            (``tp_size > 1``; None: the default group).
 
     Page ids are any hashables the caller chooses. The manager is not thread-safe:
     call it from one thread (the scheduler's).
@@ -409,7 +419,8 @@ class HiCacheManager:
 
     def __init__(self, device_pool: KVBuffer, config: HiCacheConfig | None = None, *,
                  device: Device | None = None, compute_stream=None, storage=None,
-                 on_evict: Callable[[Eviction], None] | None = None, **options):
+                 on_evict: Callable[[Eviction], None] | None = None, observers=None,
+                 tp_group=None, **options):
         if not isinstance(device_pool, KVBuffer):
             raise TypeError(f"device_pool: expected a KVBuffer, got {type(device_pool).__name__}")
         cfg = config if config is not None else HiCacheConfig()
@@ -428,8 +439,12 @@ class HiCacheManager:
         self._rules = _Rules()
         self.on_evict = on_evict
         self.storage = storage
+        self._observer = observer_of(observers)
 
         dlay = device_pool.layout
+        self._tp = None if cfg.tp_size == 1 and cfg.tp_rank == 0 and tp_group is None else \
+            TensorParallel(cfg.tp_rank, cfg.tp_size, tp_group, mla=dlay.mla)
+
         self.device_pool = device_pool
         self.page_size = _page_size(cfg.page_size, dlay)
         self.num_layers = dlay.num_layers
@@ -461,6 +476,8 @@ class HiCacheManager:
                 self.host_pool.close(quiet=True)
                 raise
         self._log_startup(device_pages * P, host_slots)
+        if self._observer is not None:
+            self._observer.attach(self)
 
     def _setup(self, cfg: HiCacheConfig, device: Device, device_pages: int, host_slots: int) -> None:
         P, host, device_pool = self.page_size, self.host_pool.buffer, self.device_pool
@@ -526,7 +543,10 @@ class HiCacheManager:
         with self._mark("alloc_device", len(ids) * self.page_size):
             pages = self._alloc_device_pages(len(ids))
             self.table.place_device(self.table.add_many(ids), pages)
-            return self._device_tokens(pages)
+            slots = self._device_tokens(pages)
+        if self._observer is not None:
+            self._observer.stored("device", ids)
+        return slots
 
     def alloc_host(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
         """Give new pages host slots to fill directly (e.g. from another store).
@@ -541,7 +561,9 @@ class HiCacheManager:
                 raise OutOfPages(f"host pool: no {len(ids)} pages can be freed "
                                  f"({self.host_pages.free_count} free)")
             self.table.place_host(self.table.add_many(ids), pages)
-            return self._host_tokens(pages)
+        if self._observer is not None:
+            self._observer.stored("host", ids)
+        return self._host_tokens(pages)
 
     def free(self, page_ids: Sequence[Hashable]) -> None:
         """Forget pages on every tier. Slots a transfer still uses are reused only after it."""
@@ -607,6 +629,8 @@ class HiCacheManager:
             rows = rows[np.sort(np.unique(rows, return_index=True)[1])]
         table.hits[rows] += 1
         table.touch_rows(rows)
+        if self._observer is not None:
+            self._observer.hit("device", int(np.count_nonzero(table.state[rows] & DEVICE)))
         threshold = self._threshold
         if threshold is None:
             return None
@@ -706,6 +730,9 @@ class HiCacheManager:
         handle._events = dev.launch_layers(stream, self._load_layer, handle, self.num_layers)
         table.ops[op_id] = handle
         self._loads.append(handle)
+        if self._observer is not None:
+            self._observer.stored("device", ids)
+            self._observer.started("load", op_id, ids)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("load op %d: %d pages (%d tokens) host->device, %d layers%s",
                       op_id, len(ids), len(ids) * self.page_size, self.num_layers,
@@ -762,12 +789,20 @@ class HiCacheManager:
             raise RuntimeError("prefetch: the manager has no storage tier")
         table = self.table.entries
         ids = [i for i in page_ids if i not in table]
-        n = self.storage.batch_exists(ids) if ids else 0
+        tp = self._tp
+        if tp is None:
+            n = self.storage.batch_exists(ids) if ids else 0
+        else:   # a collective: every rank asks for the same ids; the shortest prefix wins
+            n = tp.min([self.storage.batch_exists(tp.storage_keys(ids)) if ids else 0])[0]
         if n == 0:
             return ()
         ids = ids[:n]
         with self._mark("prefetch", n * self.page_size):
             pages = self._alloc_host_pages(n)
+            if tp is not None and tp.min([pages is not None])[0] == 0:
+                if pages is not None:   # another rank has no room: nobody fetches
+                    self.host_pages.free(pages)
+                pages = None
             if pages is None:
                 return ()
             entries = []
@@ -780,12 +815,16 @@ class HiCacheManager:
             for e in entries:
                 e.fill = op
             try:
-                op.pending = self.storage.batch_get(ids, pages)
+                op.pending = self.storage.batch_get(ids if tp is None else tp.storage_keys(ids),
+                                                    pages)
             except BaseException:
                 self._unlock_for_storage(op)
-                self._release(entries, remove=True)
+                self._release(entries, remove=True, notify=False)
                 raise
             self._storage_ops.append(op)
+        if self._observer is not None:
+            self._observer.stored("host", ids)
+            self._observer.started("prefetch", op.op_id, ids)
         log.debug("prefetch op %d: %d pages from storage", op.op_id, n)
         return tuple(ids)
 
@@ -807,11 +846,19 @@ class HiCacheManager:
             e = get(page_id)
             if e is not None and e.fill is not None:
                 ops[id(e.fill)] = e.fill
-        for op in ops.values():
-            if not getattr(op.pending, "can_terminate", lambda: False)():
-                return False
-        for op in ops.values():
-            self._end_prefetch(op, op.pending.terminate())
+        ready = all(getattr(op.pending, "can_terminate", lambda: False)() for op in ops.values())
+        tp = self._tp
+        if tp is not None:   # a collective: the ranks wait for, and keep, the same pages
+            ready = tp.agree_ready(ready, len(ops))
+        if not ready:
+            return False
+        valid = [op.pending.terminate() for op in ops.values()]
+        if tp is not None and valid:
+            valid = tp.min(valid)
+            for op, n in zip(ops.values(), valid):
+                op.pending = tp.cut(op.pending, n)   # its ack names the pages cut off too
+        for op, n in zip(ops.values(), valid):
+            self._end_prefetch(op, n)
         return True
 
     # -- completion ---------------------------------------------------------------------
@@ -853,7 +900,11 @@ class HiCacheManager:
                 self._load_transfers = []
                 self._load_layer = None
                 self._backup_transfer = None
-                self.host_pool.close()
+                try:
+                    self.host_pool.close()
+                finally:
+                    if self._observer is not None:
+                        self._observer.closed()
 
     def __enter__(self) -> "HiCacheManager":
         return self
@@ -909,6 +960,9 @@ class HiCacheManager:
         table.backup_id[rows] = op.op_id
         table.ops[op.op_id] = op
         self._backups.append(op)
+        if self._observer is not None:
+            self._observer.stored("host", op.page_ids)
+            self._observer.started("backup", op.op_id, op.page_ids)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("backup op %d (%s): %d pages (%d tokens) device->host", op.op_id, why, n, tokens)
         return op
@@ -939,7 +993,8 @@ class HiCacheManager:
         self.host_pages.unlock(op.host_pages)
         self._events.append(op.event)
         done = self._retire(op, "backup", self.table.backup_id, _NOT_BACKING_UP)
-        if self.storage is not None and self.config.storage_write_through:
+        if self.storage is not None and self.config.storage_write_through and \
+                (self._tp is None or self._tp.writes_storage):
             done = self.table.views(done)
             # pages still on host in the slots this backup filled
             live = [e for e in done if self.table.get(e.page_id) is e and e.storing is None]
@@ -957,7 +1012,10 @@ class HiCacheManager:
         del table.ops[op.op_id]
         self._events.extend(op.extra_events)
         op.extra_events = []
-        self._acks.append(Ack(kind, op.op_id, op.page_ids))
+        ack = Ack(kind, op.op_id, op.page_ids)
+        self._acks.append(ack)
+        if self._observer is not None:
+            self._observer.finished(ack)
         log.debug("%s op %d done", kind, op.op_id)
         return rows
 
@@ -967,23 +1025,28 @@ class HiCacheManager:
         self._lock_for_storage(op)
         for e in entries:
             e.storing = op
+        ids = [e.page_id for e in entries]
         with self._mark("store", len(entries) * self.page_size):
             try:
-                op.pending = self.storage.batch_set([e.page_id for e in entries], pages)
+                op.pending = self.storage.batch_set(ids if self._tp is None else
+                                                    self._tp.storage_keys(ids), pages)
             except BaseException:
                 self._unlock_for_storage(op)
                 for e in entries:
                     e.storing = None
                 raise
         self._storage_ops.append(op)
+        if self._observer is not None:
+            self._observer.started("store", op.op_id, ids)
         log.debug("store op %d: %d pages host->storage", op.op_id, len(entries))
 
     def _collect_storage(self) -> None:
         keep = []
         for op in self._storage_ops:
             result = op.pending.poll() if hasattr(op.pending, "poll") else op.pending
-            if result is None:
-                keep.append(op)
+            if result is None or (self._tp is not None and op.kind == "prefetch"
+                                  and any(e.fill is op for e in op.entries)):
+                keep.append(op)   # with TP, only check_prefetch settles reads (ranks agree)
                 continue
             self._unlock_for_storage(op)
             failed = []
@@ -997,8 +1060,12 @@ class HiCacheManager:
                     e.storing = None
                 if not ok:
                     failed.append(e.page_id)
-            self._acks.append(Ack(op.kind, op.op_id, tuple(e.page_id for e in op.entries),
-                                  tuple(failed)))
+            ack = Ack(op.kind, op.op_id, tuple(e.page_id for e in op.entries), tuple(failed))
+            self._acks.append(ack)
+            if self._observer is not None:
+                if op.kind == "store":
+                    self._observer.stored("storage", [i for i, ok in zip(ack.page_ids, result) if ok])
+                self._observer.finished(ack)
         self._storage_ops = keep
 
     def _lock_for_storage(self, op: _StorageOp) -> None:
@@ -1081,6 +1148,8 @@ class HiCacheManager:
         self.device_pages.free(table.device_page[rows])
         table.clear_device(rows)
         table.remove_many(removed)
+        if self._observer is not None:
+            self._observer.removed("device", ids)
         return self._report("device", ids, removed_ids)
 
     def _evict_host(self, rows: np.ndarray) -> list:
@@ -1093,13 +1162,22 @@ class HiCacheManager:
         table.remove_many(removed)
         return self._report("host", ids, removed_ids)
 
-    def _release(self, entries: list[PageEntry], *, remove: bool, host_only: bool = False) -> None:
+    def _release(self, entries: list[PageEntry], *, remove: bool, host_only: bool = False,
+                 notify: bool = True) -> None:
         """:meth:`_release_rows` for a list of :class:`PageEntry` (the storage paths)."""
-        self._release_rows(self.table.rows_of(entries), remove=remove, host_only=host_only)
+        self._release_rows(self.table.rows_of(entries), remove=remove, host_only=host_only,
+                           notify=notify)
 
-    def _release_rows(self, rows: np.ndarray, *, remove: bool, host_only: bool = False) -> None:
-        """Give back the slots of unique rows (locked ones once their transfers end)."""
+    def _release_rows(self, rows: np.ndarray, *, remove: bool, host_only: bool = False,
+                      notify: bool = True) -> None:
+        """Give back the slots of unique rows (locked ones once their transfers end).
+        ``notify=False``: pages no observer was told of (a call undoing its own work)."""
         table = self.table
+        observer = self._observer if notify else None
+        if observer is not None:   # which pages leave which tier, before the table forgets
+            gone = [("host", table.ids_of(rows[table.host_page[rows] >= 0]))]
+            if not host_only:
+                gone.insert(0, ("device", table.ids_of(rows[table.device_page[rows] >= 0])))
         if not host_only:
             dev = table.device_page[rows]
             self.device_pages.free(dev[dev >= 0])
@@ -1109,11 +1187,19 @@ class HiCacheManager:
         table.clear_host(rows)
         if remove:
             table.remove_many(rows)
+        if observer is not None:
+            for tier, ids in gone:
+                if ids:
+                    observer.removed(tier, ids)
 
     def _report(self, tier: str, ids: list, removed: list) -> list:
         log.debug("evicted %d pages from %s (%d gone)", len(ids), tier, len(removed))
-        if self.on_evict is not None:
-            self.on_evict(Eviction(tier, tuple(ids), tuple(removed)))
+        if self.on_evict is not None or self._observer is not None:
+            eviction = Eviction(tier, tuple(ids), tuple(removed))
+            if self._observer is not None:
+                self._observer.evicted(eviction)
+            if self.on_evict is not None:
+                self.on_evict(eviction)
         return ids
 
     # -- internals: small helpers ---------------------------------------------------------------

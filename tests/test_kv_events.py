@@ -1,0 +1,271 @@
+"""Tier-aware KV events: a real ZMQ subscriber receives the manager's page moves and
+decodes them with SGLang's own msgspec classes (sglang.srt.disaggregation.kv_events),
+in order, over device, host and the NIXL storage tier."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import msgspec
+import pytest
+import torch
+import zmq
+from sglang.srt.disaggregation.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored,
+                                                 KVEventBatch)
+from sglang.srt.mem_cache.utils import hash_str_to_int64
+
+from hicache_kernels import KVBuffer, KVLayout
+from hicache_kernels.manager import HiCacheManager, InMemoryStorage, PageState
+from hicache_kernels.observers import KVEventPublisher, block_hash
+from hicache_kernels.storage import StorageTier, page_keys
+
+P = 4
+WAIT_MS = 10_000   # only reached when something is broken
+MEDIUM = {PageState.DEVICE: "GPU", PageState.HOST: "CPU_TIER1"}
+
+
+def pool(pages: int = 4) -> KVBuffer:
+    lay = KVLayout("layer_first", num_layers=2, num_slots=pages * P, head_num=2, head_dim=8,
+                   dtype=torch.bfloat16, page_size=P)
+    return KVBuffer.allocate(lay)
+
+
+class Subscriber:
+    """A ZMQ SUB socket on a publisher, decoding with SGLang's KVEventBatch."""
+
+    def __init__(self, pub: KVEventPublisher, topic: str):
+        self.socket = zmq.Context.instance().socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(pub.endpoint)
+        self.socket.setsockopt_string(zmq.SUBSCRIBE, topic)
+        assert pub.wait_for_subscribers(1, timeout_s=10)
+        self.decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        self.topic = topic.encode()
+        self.next_seq = 0
+        self.batches: list[KVEventBatch] = []
+
+    def recv(self, n: int) -> list:
+        """The events of the next ``n`` batches, checking topic and sequence numbers."""
+        events = []
+        for _ in range(n):
+            assert self.socket.poll(WAIT_MS), f"batch {self.next_seq} never arrived"
+            topic, seq, payload = self.socket.recv_multipart()
+            assert topic == self.topic
+            assert int.from_bytes(seq, "big") == self.next_seq   # no gap, no reordering
+            self.next_seq += 1
+            batch = self.decoder.decode(payload)
+            assert batch.attn_dp_rank == 0 and abs(batch.ts - time.time()) < 60
+            self.batches.append(batch)
+            events.extend(batch.events)
+        return events
+
+    def assert_quiet(self, ms: int = 200) -> None:
+        assert not self.socket.poll(ms), "an unexpected batch was published"
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def summary(events) -> list[tuple]:
+    out = []
+    for e in events:
+        if isinstance(e, BlockStored):
+            out.append(("stored", e.medium, e.block_hashes, e.parent_block_hash, e.token_ids,
+                        e.block_size, e.lora_id))
+        elif isinstance(e, BlockRemoved):
+            out.append(("removed", e.medium, sorted(e.block_hashes)))
+        else:
+            assert isinstance(e, AllBlocksCleared)
+            out.append(("cleared",))
+    return out
+
+
+def apply(view: dict, events) -> None:
+    """What a router knows: block hash -> the mediums holding it."""
+    for e in events:
+        if isinstance(e, BlockStored):
+            for h in e.block_hashes:
+                assert e.medium not in view.setdefault(h, set()), "stored twice on one tier"
+                view[h].add(e.medium)
+        elif isinstance(e, BlockRemoved):
+            for h in e.block_hashes:
+                view[h].remove(e.medium)      # KeyError: removed what was never stored
+        else:
+            view.clear()
+
+
+def truth(mgr, tier, ids) -> dict:
+    """The manager's own answer: device and host from lookup(), storage from the files."""
+    out = {}
+    stored = set(ids[:tier.batch_exists(ids)]) if tier is not None else set()
+    for page_id, state in zip(ids, mgr.lookup(ids)):
+        mediums = {m for bit, m in MEDIUM.items() if state & bit}
+        if page_id in stored:
+            mediums.add("CPU_TIER2")
+        if mediums:
+            out[block_hash(page_id)] = mediums
+    return out
+
+
+@pytest.fixture
+def tokens():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randint(0, 2**31, (3 * P,), generator=gen).tolist()
+
+
+def test_promotion_and_demotion_across_three_tiers(tmp_path, tokens):
+    ids = page_keys(tokens, P)
+    info = {k: (tokens[i * P:(i + 1) * P], ids[i - 1] if i else None) for i, k in enumerate(ids)}
+    h = [hash_str_to_int64(k) for k in ids]     # SGLang's own block hash of each page key
+    pub = KVEventPublisher("tcp://127.0.0.1:*", topic="kv", page_tokens=info.get)
+    sub = Subscriber(pub, "kv")
+    tier = StorageTier({"directory": str(tmp_path), "prefetch_policy": "wait_complete"})
+    mgr = HiCacheManager(pool(), storage=tier, observers=[pub], backend="reference",
+                         host_reserve_gb=0, host_layout="page_first")
+    view: dict = {}
+
+    def step(n_batches, expected):
+        events = sub.recv(n_batches)
+        assert summary(events) == expected
+        apply(view, events)
+        assert {k: v for k, v in view.items() if v} == truth(mgr, tier, ids)
+
+    def stored(medium, hashes, parent=None, toks=tokens):
+        return ("stored", medium, hashes, parent, toks, P, None)
+
+    mgr.alloc_device(ids)                                   # prefill: one chain on the GPU
+    step(1, [stored("GPU", h)])
+    mgr.hit(ids)                                            # write-through: demoted copy on host
+    step(1, [stored("CPU_TIER1", h)])
+    mgr.synchronize(storage=True)
+    assert [a.kind for a in mgr.poll()] == ["backup", "store"]
+    step(1, [stored("CPU_TIER2", h)])                       # ... and in files once written
+    mgr.evict_device(ids[1:])                               # demotion: device copies go
+    step(1, [("removed", "GPU", sorted(h[1:]))])
+    assert sorted(mgr.evict_host(3)) == sorted(ids)         # every host copy goes
+    step(1, [("removed", "CPU_TIER1", sorted(h))])
+    mgr.free(ids[:1])                                       # the first page leaves device too
+    step(1, [("removed", "GPU", [h[0]])])
+    fetching = mgr.prefetch(ids)                            # promotion storage -> host
+    assert fetching == tuple(ids)
+    step(1, [stored("CPU_TIER1", h)])
+    deadline = time.monotonic() + 30
+    while not mgr.check_prefetch(fetching):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert [(a.kind, a.failed) for a in mgr.poll()] == [("prefetch", ())]
+    sub.assert_quiet(50)                                    # settling changes no tier
+    mgr.load(ids[1:])                                       # promotion host -> device: a chain
+    step(1, [stored("GPU", h[1:], parent=h[0], toks=tokens[P:])])
+    mgr.close()                                             # AllBlocksCleared
+    events = sub.recv(1)
+    assert summary(events) == [("cleared",)]
+    sub.assert_quiet(50)
+    sub.close()
+
+
+def test_block_hashes_are_sglangs_for_page_keys_and_stable_otherwise():
+    key = page_keys(list(range(P)), P)[0]
+    assert block_hash(key) == hash_str_to_int64(key)
+    assert block_hash("ff" * 32) == hash_str_to_int64("ff" * 32) == -1   # signed int64
+    assert block_hash(5) == 5 and block_hash(-(1 << 63)) == -(1 << 63)
+    # no key: the first 8 bytes of SHA-256 of repr(), the same in every process
+    for page_id in [("page", 3), "not-a-key", 1 << 70, True]:
+        digest = hashlib.sha256(repr(page_id).encode()).digest()
+        assert block_hash(page_id) == int.from_bytes(digest[:8], "big", signed=True)
+    assert block_hash(("page", 3)) != block_hash(("page", 4))
+
+
+class BrokenStorage(InMemoryStorage):
+    broken = False
+
+    def batch_get(self, keys, host_pages):
+        if self.broken:
+            raise OSError("storage is down")
+        return super().batch_get(keys, host_pages)
+
+
+def test_failing_calls_publish_nothing_and_ids_without_tokens_stand_alone():
+    pub = KVEventPublisher("tcp://127.0.0.1:*", topic="")
+    sub = Subscriber(pub, "")
+    storage = BrokenStorage()
+    mgr = HiCacheManager(pool(), storage=storage, observers=[pub], backend="reference",
+                         host_reserve_gb=0)
+    ids = [("page", i) for i in range(3)]
+    storage.pages[ids[2]] = torch.zeros(1)                  # storage claims to hold the third
+    mgr.alloc_device(ids[:2])
+    # no page_tokens: each page is its own event, no parent, no tokens
+    assert summary(sub.recv(1)) == [("stored", "GPU", [block_hash(i)], None, [], P, None)
+                                    for i in ids[:2]]
+    mgr.pin(ids[1:2])
+    storage.broken = True
+    with pytest.raises(OSError, match="storage is down"):
+        mgr.prefetch([ids[2]])                              # its host page is given back, quietly
+    with pytest.raises(ValueError, match="already in the page table"):
+        mgr.alloc_device([ids[2], ids[0]])
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        mgr.load(ids[:1])                                   # on the device already
+    with pytest.raises(KeyError, match="not in the page table"):
+        mgr.free([ids[0], ids[2]])
+    with pytest.raises(ValueError, match="pinned"):
+        mgr.evict_device(ids[:2])
+    with pytest.raises(ValueError, match="pinned"):
+        mgr.free(ids[:2])
+    sub.assert_quiet()
+    mgr.free(ids[:1])                                       # the next batch has the next number
+    assert summary(sub.recv(1)) == [("removed", "GPU", [block_hash(ids[0])])]
+    mgr.close()
+    assert summary(sub.recv(1)) == [("cleared",)]
+    sub.close()
+
+
+def test_tiers_mediums_and_a_failing_page_tokens_never_reach_the_manager(caplog):
+    calls = []
+
+    def page_tokens(page_id):
+        calls.append(page_id)
+        raise RuntimeError("tree lookup failed")
+
+    pub = KVEventPublisher("tcp://127.0.0.1:*", tiers=["host"], mediums={"host": "CPU_PINNED"},
+                           page_tokens=page_tokens)
+    sub = Subscriber(pub, "")
+    mgr = HiCacheManager(pool(), observers=[pub], backend="reference", host_reserve_gb=0)
+    mgr.alloc_device(["a"])                                 # device: not published
+    mgr.alloc_host(["b"])                                   # page_tokens raises: dropped, counted
+    assert mgr.lookup(["b"]) == [PageState.HOST]            # the manager's call did its work
+    assert calls == ["b"] and pub.dropped == 1 and "could not be published" in caplog.text
+    mgr.free(["a", "b"])
+    sub.next_seq = 1                                        # the dropped batch took number 0
+    assert summary(sub.recv(1)) == [("removed", "CPU_PINNED", [block_hash("b")])]
+    sub.assert_quiet()
+    mgr.close()
+    assert summary(sub.recv(1)) == [("cleared",)]
+    sub.close()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(endpoint="localhost:5557"), "endpoint: expected a ZMQ endpoint"),
+    (dict(tiers=["gpu"]), r"tiers: expected some of \['device', 'host', 'storage'\]"),
+    (dict(mediums={"disk": "DISK"}), "mediums: expected tier"),
+    (dict(mediums={"host": ""}), "mediums: expected tier"),
+    (dict(dp_rank=-1), "dp_rank: expected an int"),
+    (dict(topic=b"kv"), "topic: expected a str"),
+    (dict(page_tokens={}), "page_tokens: expected a callable"),
+])
+def test_bad_arguments_name_the_argument(kwargs, match):
+    kwargs.setdefault("endpoint", "tcp://127.0.0.1:*")
+    with pytest.raises(ValueError, match=match):
+        KVEventPublisher(**kwargs)
+
+
+def test_an_endpoint_in_use_is_refused_by_name():
+    first = KVEventPublisher("tcp://127.0.0.1:*")
+    with pytest.raises(ValueError, match="endpoint: cannot bind 'tcp://127.0.0.1:[0-9]+': Address"):
+        KVEventPublisher(first.endpoint, bind=True)
+    first.close()
+
+
+def test_manager_refuses_an_object_that_is_not_an_observer():
+    with pytest.raises(TypeError, match=r"observers: dict lacks \['attach'"):
+        HiCacheManager(pool(), observers=[{}], backend="reference", host_reserve_gb=0)
