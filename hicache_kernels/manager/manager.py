@@ -448,6 +448,8 @@ class HiCacheManager:
         self.device_pool = device_pool
         self.page_size = _page_size(cfg.page_size, dlay)
         self.num_layers = dlay.num_layers
+        if self._observer is not None:   # before anything is allocated: it may refuse
+            self._observer.attach(self)
         if device is None:
             device = CudaDevice(device_pool.device) if device_pool.device.type == "cuda" \
                 else EmulatedDevice()
@@ -476,8 +478,6 @@ class HiCacheManager:
                 self.host_pool.close(quiet=True)
                 raise
         self._log_startup(device_pages * P, host_slots)
-        if self._observer is not None:
-            self._observer.attach(self)
 
     def _setup(self, cfg: HiCacheConfig, device: Device, device_pages: int, host_slots: int) -> None:
         P, host, device_pool = self.page_size, self.host_pool.buffer, self.device_pool

@@ -35,7 +35,10 @@ class ManagerObserver:
     """The calls a :class:`~hicache_kernels.manager.HiCacheManager` makes; each a no-op here."""
 
     def attach(self, manager) -> None:
-        """Once, at the end of the manager's construction (read its public API)."""
+        """Once, early in the manager's construction: ``page_size``, ``num_layers``,
+        ``device_pool`` and ``config`` are set, nothing is allocated yet (raising
+        here fails the construction, leaving nothing behind). Keep ``manager`` to
+        read its public API later (``stats()``, ``device_pages``, ``host_pages``)."""
 
     def stored(self, tier: str, page_ids: Sequence) -> None:
         """``page_ids`` (in the caller's order) now have a copy on ``tier``."""

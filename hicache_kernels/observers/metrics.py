@@ -98,8 +98,9 @@ class ManagerMetrics(ManagerObserver):
     def attach(self, manager) -> None:
         if self._manager is not None:
             raise RuntimeError("ManagerMetrics: already observing a manager; make one per manager")
+        lay = manager.device_pool.layout   # a page's bytes, the same on every tier
+        self._page_bytes = manager.page_size * lay.item_bytes * lay.num_planes_per_layer * lay.num_layers
         self._manager = manager
-        self._page_bytes = manager.host_pool.page_bytes
 
     def stored(self, tier, page_ids) -> None:
         self.stored_pages[tier] += len(page_ids)
@@ -169,8 +170,11 @@ class ManagerMetrics(ManagerObserver):
             return f
 
         mgr = self._manager if live else None
-        pools = [] if mgr is None else [("device", mgr.device_pages), ("host", mgr.host_pages)]
-        stats = {} if mgr is None else mgr.stats()
+        try:
+            pools = [] if mgr is None else [("device", mgr.device_pages), ("host", mgr.host_pages)]
+            stats = {} if mgr is None else mgr.stats()
+        except AttributeError:   # scraped while the manager is still being built
+            pools, stats = [], {}
         pb = self._page_bytes
         out = [
             family(GaugeMetricFamily, "hicache_pages", "Pages holding a copy on a tier.", "tier",
