@@ -11,14 +11,18 @@ import msgspec
 import pytest
 import torch
 import zmq
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import invariant, run_state_machine_as_test
 from sglang.srt.disaggregation.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored,
                                                  KVEventBatch)
 from sglang.srt.mem_cache.utils import hash_str_to_int64
 
 from hicache_kernels import KVBuffer, KVLayout
-from hicache_kernels.manager import HiCacheManager, InMemoryStorage, PageState
+from hicache_kernels.manager import HiCacheManager, InMemoryStorage, ManagerObserver, PageState
 from hicache_kernels.observers import KVEventPublisher, block_hash
 from hicache_kernels.storage import StorageTier, page_keys
+from test_manager_stateful import ManagerMachine
+from test_manager_storage_stateful import StorageMachine
 
 P = 4
 WAIT_MS = 10_000   # only reached when something is broken
@@ -269,3 +273,66 @@ def test_an_endpoint_in_use_is_refused_by_name():
 def test_manager_refuses_an_object_that_is_not_an_observer():
     with pytest.raises(TypeError, match=r"observers: dict lacks \['attach'"):
         HiCacheManager(pool(), observers=[{}], backend="reference", host_reserve_gb=0)
+
+
+# -- the observer calls follow the page table through random work --------------------------------
+
+class TierView(ManagerObserver):
+    """What an observer learns: the pages on each tier (a page stored twice on a tier,
+    or removed from one it was never on, is a wrong call)."""
+
+    def __init__(self):
+        self.tiers = {"device": set(), "host": set(), "storage": set()}
+
+    def stored(self, tier, page_ids):
+        for i in page_ids:
+            assert i not in self.tiers[tier], f"{i!r} stored on {tier} twice"
+            self.tiers[tier].add(i)
+
+    def removed(self, tier, page_ids):
+        for i in page_ids:
+            assert i in self.tiers[tier], f"{i!r} removed from {tier}, where it was not"
+            self.tiers[tier].remove(i)
+
+    def closed(self):
+        for pages in self.tiers.values():
+            pages.clear()
+
+
+def watched(machine):
+    """The manager's stateful test machine, its manager observed by a TierView checked
+    against ``lookup()`` after every step (failing calls included: they raise, the
+    machine expects it, and the view must not have moved)."""
+
+    class Watched(machine):
+        def __init__(self):
+            super().__init__()
+            self.view = TierView()
+            self.view.attach(self.mgr)
+            self.mgr._observer = self.view    # the machines build their own manager
+
+        @invariant()
+        def observer_sees_the_page_table(self):
+            ids = list(self.mgr.table.index)
+            for tier, bit in (("device", PageState.DEVICE), ("host", PageState.HOST)):
+                here = {i for i, s in zip(ids, self.mgr.lookup(ids)) if s & bit}
+                assert self.view.tiers[tier] == here, tier
+
+    return Watched
+
+
+WATCH = settings(max_examples=20, stateful_step_count=40, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("policy, host_layout", [("write_through", "page_first"),
+                                                 ("write_back", "layer_first")])
+def test_observer_follows_the_manager_machine(policy, host_layout):
+    machine = type("Machine", (ManagerMachine,), dict(policy=policy, host_layout=host_layout))
+    run_state_machine_as_test(watched(machine), settings=WATCH)
+
+
+@pytest.mark.parametrize("policy", ["wait_complete", "best_effort"])
+def test_observer_follows_the_storage_machine(policy):
+    machine = type("Machine", (StorageMachine,), dict(policy=policy))
+    run_state_machine_as_test(watched(machine), settings=WATCH)
