@@ -83,9 +83,12 @@ setup(
         "matplotlib>=3.7",  # hicache-bench: the GB/s plot
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4",
+                 "pyzmq>=25", "msgspec>=0.18", "prometheus_client>=0.20"],
         "bench": ["rich>=13", "matplotlib>=3.7"],
         "storage": ["nixl-cu13>=0.7"],
+        # KV events over ZMQ (SGLang's msgpack format) and Prometheus metrics: hicache_kernels.observers
+        "observe": ["pyzmq>=25", "msgspec>=0.18", "prometheus_client>=0.20"],
     },
     entry_points={"console_scripts": ["hicache-bench=hicache_kernels.bench.cli:main"]},
     classifiers=[

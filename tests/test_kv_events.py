@@ -5,6 +5,7 @@ in order, over device, host and the NIXL storage tier."""
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 
 import msgspec
@@ -336,3 +337,33 @@ def test_observer_follows_the_manager_machine(policy, host_layout):
 def test_observer_follows_the_storage_machine(policy):
     machine = type("Machine", (StorageMachine,), dict(policy=policy))
     run_state_machine_as_test(watched(machine), settings=WATCH)
+
+
+# -- the e2e bench publishes them too --------------------------------------------------------------
+
+def test_e2e_bench_publishes_kv_events(tmp_path, capsys):
+    from hicache_kernels.bench import cli
+
+    with socket.socket() as s:                      # a free port for the bench to bind
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt_string(zmq.SUBSCRIBE, "kv-events")
+    sub.connect(f"tcp://127.0.0.1:{port}")          # connected well before the tier's first event
+    assert cli.main(["e2e", "--quick", "--clients", "4", "--rounds", "3", "--no-progress",
+                     "--kv-events", f"tcp://*:{port}", "--out", str(tmp_path)]) == 0
+    decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+    events, seqs = [], []
+    while sub.poll(2000):
+        topic, seq, payload = sub.recv_multipart()
+        assert topic == b"kv-events"
+        seqs.append(int.from_bytes(seq, "big"))
+        events.extend(decoder.decode(payload).events)
+    sub.close()
+    assert seqs == list(range(len(seqs))) and len(seqs) > 3      # every batch, in order
+    kinds = {(type(e).__name__, getattr(e, "medium", None)) for e in events}
+    assert {("BlockStored", "GPU"), ("BlockStored", "CPU_TIER1"), ("BlockRemoved", "GPU")} <= kinds
+    assert kinds <= {("BlockStored", "GPU"), ("BlockStored", "CPU_TIER1"), ("BlockRemoved", "GPU"),
+                     ("BlockRemoved", "CPU_TIER1"), ("AllBlocksCleared", None)}
+    assert isinstance(events[-1], AllBlocksCleared)                # the tier closed

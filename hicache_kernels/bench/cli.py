@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when a request stops waiting for pages from storage, as in SGLang "
                         "(default: %(default)s; best_effort barely waits here, as this server "
                         "prefills a request as soon as it arrives)")
+    c.add_argument("--kv-events", metavar="ENDPOINT",
+                   help="publish the tier's KV events (stored/removed per tier, SGLang's format, "
+                        "topic kv-events) on this ZMQ endpoint, e.g. tcp://*:5557")
     c.add_argument("--no-verify", action="store_true",
                    help="skip checking the bytes of cached and loaded pages")
 
@@ -273,6 +276,7 @@ def e2e_config(args, clock: Clock) -> e2e.E2EConfig:
     cfg.host_layout, cfg.write_policy, cfg.backend = args.host_layout, args.write_policy, args.backend
     cfg.storage = "nixl" if args.storage_dir else args.storage
     cfg.storage_dir, cfg.prefetch_policy = args.storage_dir, args.prefetch_policy
+    cfg.kv_events = args.kv_events
     cfg.verify = not args.no_verify
     if not clock.gpu:
         cfg.notes.append(report.CPU_LABEL)

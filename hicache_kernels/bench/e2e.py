@@ -350,6 +350,7 @@ class E2EConfig:
     storage: str = "none"            # "nixl": a storage tier below the host pool
     storage_dir: str | None = None   # None: a temporary directory, removed after the run
     prefetch_policy: str = "wait_complete"
+    kv_events: str | None = None     # a ZMQ endpoint: the tier's KV events, as SGLang publishes them
     verify: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -406,10 +407,14 @@ def run(cfg: E2EConfig, clock: Clock, *, progress=None, tier_factory=None) -> di
     plans = [("without HiCache", lambda: DeviceCache(pool))]
     storage = storage_config(cfg, clock)
     if why_not is None:
+        observe = {}
+        if cfg.kv_events is not None:
+            from ..observers import KVEventPublisher
+            observe["observers"] = [KVEventPublisher(cfg.kv_events, topic="kv-events")]
         factory = tier_factory or (lambda p: HiCacheTier(
             p, host_ratio=cfg.host_ratio, host_layout=cfg.host_layout,
             write_policy=cfg.write_policy, backend=cfg.backend, sm_budget=cfg.sm_budget,
-            storage=storage))
+            storage=storage, **observe))
         plans.append(("with HiCache", lambda: factory(pool)))
     else:
         notes.append(f"with HiCache: not run: {why_not}")

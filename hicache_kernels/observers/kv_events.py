@@ -22,9 +22,9 @@ A page promoted from storage to host and then to the device shows as
 ``close()`` of the manager publishes ``AllBlocksCleared``.
 
 Block hashes are the page ids as SGLang publishes its page keys: a page key (the
-hex SHA-256 of :func:`hicache_kernels.storage.page_keys`, what an SGLang radix
-tree keeps per page) becomes the signed int64 of its first 16 hex digits, so a
-page has the same block hash here and in SGLang's own events. An int id is its
+64 hex digits of SHA-256 that :func:`hicache_kernels.storage.page_keys` makes, what
+an SGLang radix tree keeps per page) becomes the signed int64 of its first 16 hex
+digits, so a page has the same block hash here and in SGLang's own events. An int id is its
 own hash; any other id (a tuple, a name) has no key, and its hash is the first 8
 bytes of the SHA-256 of its ``repr``, stable across processes for ids built of
 strings and ints. Pass ``block_hash=`` to choose differently.
@@ -57,7 +57,6 @@ log = logging.getLogger("hicache_kernels.observers")
 DEFAULT_MEDIUMS = {"device": "GPU", "host": "CPU_TIER1", "storage": "CPU_TIER2"}
 """Tier -> ``medium``, as vLLM names its tiers and Dynamo's router reads them."""
 
-_HEX = frozenset("0123456789abcdefABCDEF")
 _I64 = 1 << 63
 
 
@@ -70,9 +69,13 @@ def block_hash(page_id: Hashable) -> int:
         >>> block_hash(12)
         12
     """
-    if isinstance(page_id, str) and len(page_id) >= 16 and set(page_id[:16]) <= _HEX:
-        value = int(page_id[:16], 16)
-        return value - (1 << 64) if value >= _I64 else value
+    if type(page_id) is str and len(page_id) == 64:     # a page key (the common case: fast)
+        try:
+            head = bytes.fromhex(page_id[:16])          # 8 bytes unless a non-hex digit or space
+        except ValueError:
+            head = b""
+        if len(head) == 8:
+            return int.from_bytes(head, "big", signed=True)
     if isinstance(page_id, int) and not isinstance(page_id, bool) and -_I64 <= page_id < _I64:
         return page_id
     digest = hashlib.sha256(repr(page_id).encode("utf-8", "backslashreplace")).digest()
