@@ -57,7 +57,7 @@ log = logging.getLogger("hicache_kernels.observers")
 DEFAULT_MEDIUMS = {"device": "GPU", "host": "CPU_TIER1", "storage": "CPU_TIER2"}
 """Tier -> ``medium``, as vLLM names its tiers and Dynamo's router reads them."""
 
-_I64 = 1 << 63
+_I64, _U64 = 1 << 63, 1 << 64
 
 
 def block_hash(page_id: Hashable) -> int:
@@ -70,12 +70,14 @@ def block_hash(page_id: Hashable) -> int:
         12
     """
     if type(page_id) is str and len(page_id) == 64:     # a page key (the common case: fast)
-        try:
-            head = bytes.fromhex(page_id[:16])          # 8 bytes unless a non-hex digit or space
-        except ValueError:
-            head = b""
-        if len(head) == 8:
-            return int.from_bytes(head, "big", signed=True)
+        head = page_id[:16]
+        if head.isalnum():                              # no sign, space or "_" that int() takes
+            try:
+                value = int(head, 16)
+            except ValueError:
+                pass
+            else:
+                return value - _U64 if value >= _I64 else value
     if isinstance(page_id, int) and not isinstance(page_id, bool) and -_I64 <= page_id < _I64:
         return page_id
     digest = hashlib.sha256(repr(page_id).encode("utf-8", "backslashreplace")).digest()
@@ -220,10 +222,11 @@ class KVEventPublisher(ManagerObserver):
             info = describe(page_id) if describe is not None else None
             h = hash_of(page_id)
             if info is None:
-                tokens, parent = [], None
+                tokens, parent = (), None
             else:
                 tokens, parent = info
-                tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+                if type(tokens) is not list:
+                    tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
             if parent is not None and last is not None and parent == last:
                 event = events[-1]
                 event["block_hashes"].append(h)
@@ -231,7 +234,7 @@ class KVEventPublisher(ManagerObserver):
             else:
                 events.append({"type": "BlockStored", "block_hashes": [h],
                                "parent_block_hash": None if parent is None else hash_of(parent),
-                               "token_ids": tokens, "block_size": size, "lora_id": None,
+                               "token_ids": list(tokens), "block_size": size, "lora_id": None,
                                "medium": medium})
             last = page_id if info is not None else None
         return events
