@@ -249,6 +249,25 @@ def test_tiers_mediums_and_a_failing_page_tokens_never_reach_the_manager(caplog)
     sub.close()
 
 
+def test_two_subscribers_and_tokens_as_a_tensor(tokens):
+    ids = page_keys(tokens, P)
+    t = torch.tensor(tokens)
+    pub = KVEventPublisher("tcp://127.0.0.1:*", topic="kv",
+                           page_tokens=lambda k: (t[ids.index(k) * P:(ids.index(k) + 1) * P],
+                                                  ids[ids.index(k) - 1] if ids.index(k) else None))
+    first = Subscriber(pub, "kv")
+    second = Subscriber(pub, "kv")        # the same topic: still seen (wait_for_subscribers)
+    mgr = HiCacheManager(pool(), observers=[pub], backend="reference", host_reserve_gb=0)
+    mgr.alloc_device(ids[1:])             # its parent is not stored: linked to it anyway
+    want = [("stored", "GPU", [block_hash(k) for k in ids[1:]], block_hash(ids[0]), tokens[P:],
+             P, None)]
+    assert summary(first.recv(1)) == want and summary(second.recv(1)) == want
+    mgr.close()
+    for sub in (first, second):
+        assert summary(sub.recv(1)) == [("cleared",)]
+        sub.close()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(endpoint="localhost:5557"), "endpoint: expected a ZMQ endpoint"),
     (dict(tiers=["gpu"]), r"tiers: expected some of \['device', 'host', 'storage'\]"),
@@ -257,6 +276,7 @@ def test_tiers_mediums_and_a_failing_page_tokens_never_reach_the_manager(caplog)
     (dict(dp_rank=-1), "dp_rank: expected an int"),
     (dict(topic=b"kv"), "topic: expected a str"),
     (dict(page_tokens={}), "page_tokens: expected a callable"),
+    (dict(hwm=-1), "hwm: expected an int >= 0"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     kwargs.setdefault("endpoint", "tcp://127.0.0.1:*")

@@ -131,6 +131,8 @@ class KVEventPublisher(ManagerObserver):
                 raise ValueError(f"mediums: expected tier -> non-empty str for tiers {list(TIERS)}, "
                                  f"got {tier!r}: {name!r}")
             names[tier] = name
+        if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:
+            raise ValueError(f"hwm: expected an int >= 0 (0: no limit), got {hwm!r}")
         if page_tokens is not None and not callable(page_tokens):
             raise ValueError(f"page_tokens: expected a callable page_id -> (token_ids, parent), "
                              f"got {type(page_tokens).__name__}")
@@ -150,6 +152,7 @@ class KVEventPublisher(ManagerObserver):
         # XPUB is PUB on the wire; it also lets wait_for_subscribers see subscriptions
         self._socket = self._ctx.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
+        self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)   # every subscription, repeated topics too
         self._socket.setsockopt(zmq.LINGER, 1000)
         if bind is None:   # SGLang's rule, plus: a wildcard port binds a free one
             host, _, port = endpoint.split("://", 1)[1].rpartition(":")
@@ -225,8 +228,8 @@ class KVEventPublisher(ManagerObserver):
                 tokens, parent = (), None
             else:
                 tokens, parent = info
-                if type(tokens) is not list:
-                    tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+                if hasattr(tokens, "tolist"):   # a tensor or numpy array: plain ints
+                    tokens = tokens.tolist()
             if parent is not None and last is not None and parent == last:
                 event = events[-1]
                 event["block_hashes"].append(h)
