@@ -85,7 +85,12 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"],
         "bench": ["rich>=13", "matplotlib>=3.7"],
-        "storage": ["nixl-cu13>=0.7"],
+        # NIXL for the storage tier. `nixl` installs its CUDA 12 and CUDA 13 builds and
+        # picks one at import time by the CUDA version torch reports; the -cu12 and
+        # -cu13 extras install one build only.
+        "storage": ["nixl>=0.7"],
+        "storage-cu12": ["nixl-cu12>=0.7"],
+        "storage-cu13": ["nixl-cu13>=0.7"],
     },
     entry_points={"console_scripts": ["hicache-bench=hicache_kernels.bench.cli:main"]},
     classifiers=[
