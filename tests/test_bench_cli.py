@@ -447,7 +447,7 @@ def test_e2e_sweep_reports_each_level_and_plots(tmp_path, capsys):
     assert doc["workload"]["clients"] == 8 and doc["workload"]["request_length"] == 64
     for lv in doc["levels"]:
         assert lv["complete"] and set(lv["runs"]) == {"without HiCache", "with HiCache"}
-        assert lv["request_rate"] == float("inf")
+        assert lv["request_rate"] == "inf"   # strict JSON
         for run in lv["runs"].values():
             assert run["completed"] == 16 and run["total_output_tokens"] == 16 * 8
     (png,) = tmp_path.glob("e2e-*.png")

@@ -287,9 +287,9 @@ def _check_e2e(args, cfg: e2e.E2EConfig, clock: Clock) -> None:
         kernel_backend = (cfg.backend in kernels.KERNEL_BACKENDS
                           or (cfg.backend == "auto" and (clock.gpu or _available("triton")[0])))
         if not kernel_backend:
-            raise UsageError(f"--sm-budget: the tier's backend here ({cfg.backend}: "
-                             f"{'the torch reference' if not clock.gpu else cfg.backend}) "
-                             "does not use SMs budgets; no CUDA device and no Triton interpreter")
+            raise UsageError(f"--sm-budget: the tier's backend here ({cfg.backend}: the torch "
+                             "reference) uses no SM budget; no CUDA device and no Triton "
+                             "interpreter here")
     pool = device_tokens * g.token_layer_bytes * g.layers
     host = host_tokens * g.token_layer_bytes * g.layers
     _memory("--host-ratio" if args.host_ratio else "--device-fraction",

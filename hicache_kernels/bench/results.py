@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -167,12 +168,25 @@ def run_metadata(argv: list[str] | None, tag: str | None) -> dict:
 
 # -- files ---------------------------------------------------------------------------
 
+def _plain(value):
+    """Strict JSON: infinities as the strings "inf"/"-inf", NaN as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def append_jsonl(path: Path, doc: dict) -> Path:
-    """Append ``doc`` as one line (created with its directory when missing)."""
+    """Append ``doc`` as one line of strict JSON (the file and its directory are
+    created when missing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(_plain(doc), default=str, allow_nan=False)
     with path.open("a") as f:
-        f.write(json.dumps(doc, default=str) + "\n")
+        f.write(line + "\n")
     return path
 
 
