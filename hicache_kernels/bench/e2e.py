@@ -722,16 +722,19 @@ def estimate_seconds(cfg: E2EConfig, gpu: bool) -> list[tuple[str, int, float]]:
     """Rough wall time of each (level, run): ``(label, requests, seconds)``."""
     w = cfg.workload
     g = cfg.preset
+    # seconds per request and per token-layer of real work (measured on a busy
+    # 2-core machine and a GPU's bf16 rate), and what the tiers add
+    fixed, per_token_layer = (0.005, 0.0) if gpu else (0.02, 5e-6)
+    extra = {WITHOUT: 1.0, WITH: 1.5, WITH_STORAGE: 2.5}
     out = []
     for level in cfg.levels():
         for name in cfg.run_names():
             per = 0.0
             for r in range(w.rounds):
                 prompt = w.history(r) + w.request_length
+                per += fixed + prompt * g.layers * per_token_layer
                 if gpu:
                     per += 2.0 * prompt * g.layers * sum(i * o for i, o in g.gemm_shapes()) / 2e14
-                else:
-                    per += 0.004 + prompt * g.layers * 4e-7
             out.append((f"concurrency {level or w.clients}, {name}", w.requests,
-                        per * w.clients + (0.5 if name != WITHOUT else 0.1)))
+                        per * w.clients * extra[name]))
     return out

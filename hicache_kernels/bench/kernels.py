@@ -378,6 +378,7 @@ def run(cfg: KernelConfig, clock: Clock, cases: list[Case] | None = None, *,
     cases = sweep(cfg, gpu=clock.gpu) if cases is None else cases
     rows = []
     interrupted = False
+    started = time.perf_counter()
     # on a CPU, one torch thread for every timed copy (see the module docstring)
     with pinned_threads(1 if not clock.gpu else None):
         bench = KernelBench(cfg, clock, cases)
@@ -414,6 +415,7 @@ def run(cfg: KernelConfig, clock: Clock, cases: list[Case] | None = None, *,
         notes=list(cfg.notes),
         rows=rows,
         ceilings=bench.ceilings(),
+        wall=dict(seconds=time.perf_counter() - started),
     )
 
 
@@ -433,7 +435,7 @@ def quick_config(preset: ModelPreset, gpu: bool) -> KernelConfig:
 # Rough speeds for --list-cases (no work is done to list): bytes per second of
 # our backends and of the ceilings, and the cost of one Python-issued copy.
 _EST = {True: dict(ours=20e9, index=6e9, copy_s=6e-6, case_s=0.05),
-        False: dict(ours=1.5e9, index=1.0e9, copy_s=4e-6, case_s=0.03)}
+        False: dict(ours=0.3e9, index=1.0e9, copy_s=4e-6, case_s=0.15)}
 
 
 def estimate_seconds(cfg: KernelConfig, cases: list[Case], gpu: bool) -> list[float]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 from rich import box
@@ -474,7 +473,3 @@ def compare_e2e(result: dict, base: dict) -> tuple[Table, list[str]]:
                           _num(r["cache_hit_rate_pct"]))
     lines = [] if n else ["compare: no concurrency level and run of this run is in the baseline"]
     return table, lines
-
-
-def out_path(out: str | os.PathLike, name: str) -> Path:
-    return Path(out) / name
