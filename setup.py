@@ -86,7 +86,12 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4",
                  "pyzmq>=25", "msgspec>=0.18", "prometheus_client>=0.20"],
         "bench": ["rich>=13", "matplotlib>=3.7"],
-        "storage": ["nixl-cu13>=0.7"],
+        # NIXL for the storage tier. `nixl` installs its CUDA 12 and CUDA 13 builds and
+        # picks one at import time by the CUDA version torch reports; the -cu12 and
+        # -cu13 extras install one build only.
+        "storage": ["nixl>=0.7"],
+        "storage-cu12": ["nixl-cu12>=0.7"],
+        "storage-cu13": ["nixl-cu13>=0.7"],
         # KV events over ZMQ (SGLang's msgpack format) and Prometheus metrics: hicache_kernels.observers
         "observe": ["pyzmq>=25", "msgspec>=0.18", "prometheus_client>=0.20"],
     },

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: run on the lent GPU machine (H100/H200) from the repository root.
 #
-#   bash bench/gpu_check.sh          # core, about 5 minutes: install, GPU tests, sanitizer, issue-3 table
+#   bash bench/gpu_check.sh          # core, about 5 minutes: install, GPU tests, sanitizer, targets table
 #   bash bench/gpu_check.sh extra    # about 4 minutes more: kernel sweep, e2e, manager cost
 #   bash bench/gpu_check.sh all      # both
 # Logs, JSON/CSV/PNG results land under $OUT (or bench/out).
@@ -13,8 +13,8 @@
 #      copy_engine), side streams, CUDA graph capture, the SGLang surface, the manager on
 #      real streams (stateful machine, rule-off hunts)
 #   4. compute-sanitizer memcheck on a short subset of every kernel path
-#   5. hicache-bench kernels --suite issue3: per-layer load and all-layer backup
-#      (Llama-3.1-8B geometry, 64-token pages) and issue 3's other targets, each next to
+#   5. hicache-bench kernels --suite targets: per-layer load and all-layer backup
+#      (Llama-3.1-8B geometry, 64-token pages) and the other targets, each next to
 #      the same-run contiguous-copy ceiling
 # extra: hicache-bench kernels --quick and e2e --quick; the manager's cost on real streams.
 # Storage tests are not run here: the GPU machine has no nixl.
@@ -49,7 +49,7 @@ step gpu_tests 300 "$PY" -m pytest -q -m gpu --maxfail=25 -p no:cacheprovider \
     tests/test_transfer.py tests/test_cuda_gpu.py tests/test_manager.py \
     tests/test_manager_parts.py tests/test_manager_stateful.py
 step sanitizer 180 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/sanitize_subset.py
-step bench_issue3 300 "$PY" -m hicache_kernels.bench kernels --suite issue3 --out "$OUT" --no-progress
+step bench_targets 300 "$PY" -m hicache_kernels.bench kernels --suite targets --out "$OUT" --no-progress
 fi
 if [ "$MODE" = extra ] || [ "$MODE" = all ]; then
 [ -e hicache_kernels/libhicache_cuda.so ] || step install 240 "$PY" -m pip install -q --no-deps --no-build-isolation -e .

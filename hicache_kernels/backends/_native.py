@@ -74,8 +74,7 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     """``(lib, "")``, or ``(None, why it cannot be used)``."""
     path = library_path()
     if not path.is_file():
-        return None, (f"the CUDA library is not built ({path} is missing): install with nvcc on "
-                      "PATH (pip install -e .) or run python csrc/build.py")
+        return None, _missing_reason(path)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
@@ -105,6 +104,33 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         return None, (f"the CUDA library at {path} was built from other sources than csrc/ "
                       f"({built_from} vs {digest}): rebuild it (pip install -e . or python csrc/build.py)")
     return lib, ""
+
+
+def _missing_reason(path: Path) -> str:
+    """Why the library is absent, and what to do, for this installation."""
+    if os.environ.get("HICACHE_SKIP_NATIVE", "0") not in ("", "0"):
+        return (f"the CUDA library is not built ({path} is missing): HICACHE_SKIP_NATIVE is set, "
+                "which skips building it; reinstall without it to build it")
+    if (_PACKAGE.parent / "csrc" / "build.py").is_file():   # a source checkout
+        return (f"the CUDA library is not built ({path} is missing): run python csrc/build.py, "
+                "or reinstall, with CUDA 12+ nvcc and cmake found")
+    return ("the CUDA library is not built into this installation: it is built at install time "
+            "unless HICACHE_SKIP_NATIVE=1 is set or no CUDA 12+ nvcc and cmake are found; "
+            "reinstall from source to build it")
+
+
+def describe_build(info: dict[str, str]) -> str:
+    """``built (CUDA 13.0; sm_80, sm_90a, PTX compute_80)`` from :func:`build_info`."""
+    archs = []
+    for part in info.get("archs", "?").split(","):
+        arch, _, kind = part.partition("-")
+        archs.append(f"PTX compute_{arch}" if kind == "virtual" else f"sm_{arch}")
+    return f"libhicache_cuda built with CUDA {info.get('cuda', '?')} for {', '.join(archs)}"
+
+
+def _no_device(lib: ctypes.CDLL) -> str:
+    return (f"{describe_build(build_info(lib))}, but there is no CUDA device here "
+            "(torch.cuda.is_available() is False)")
 
 
 def build_info(lib: ctypes.CDLL | None = None) -> dict[str, str]:
@@ -144,7 +170,7 @@ def device_info(index: int) -> tuple[DeviceInfo | None, str]:
     if lib is None:
         return None, why
     if not torch.cuda.is_available():
-        return None, "no CUDA device (torch.cuda.is_available() is False)"
+        return None, _no_device(lib)
     count = ctypes.c_int()
     if lib.hck_device_count(ctypes.byref(count)) != 0:
         return None, f"the CUDA library sees no device: {last_error()}"
@@ -160,7 +186,7 @@ def current_device_info() -> tuple[int, DeviceInfo | None, str]:
     if lib is None:
         return -1, None, why
     if not torch.cuda.is_available():
-        return -1, None, "no CUDA device (torch.cuda.is_available() is False)"
+        return -1, None, _no_device(lib)
     index = torch.cuda.current_device()
     info, why = device_info(index)
     return index, info, why

@@ -1,19 +1,26 @@
-"""The ``hicache-bench`` command (also ``python -m hicache_kernels.bench``)."""
+"""The ``hicache-bench`` command (also ``python -m hicache_kernels.bench``).
+
+Flags are read and checked (:mod:`.options`) before any work; a bad one is one
+line on stderr and exit status 2, with nothing written. Ctrl-C stops a run,
+saves what finished and exits with 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
-from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from .. import __version__, backends, nvtx_ranges
 from ..layouts import LayoutKind
 from . import e2e, kernels, report
-from .presets import DTYPES, PRESETS, ModelPreset
-from .timing import Clock
+from .options import UsageError, clock_for, e2e_config, kernels_config, usable_out
+from .presets import DTYPES, PRESETS
+from .results import append_jsonl, load_baseline, run_id, run_metadata
 
 DESCRIPTION = """\
 Benchmark hicache-kernels on this machine.
@@ -21,26 +28,60 @@ Benchmark hicache-kernels on this machine.
   kernels  GB/s of each transfer backend for a model's KV geometry, next to the
            same-run ceiling (one contiguous copy of the same bytes) and
            baselines (torch indexing, one copy per page, sgl_kernel).
-  e2e      a multi-turn chat workload with and without the host tier: hit
-           rates, prefill tokens avoided, time to first token, throughput.
+  e2e      a multi-turn chat workload without and with the host tier (and a
+           storage tier): time to first token, inter-token latency,
+           throughput and hit rates, at one or several concurrency levels.
   check    a short self-check: every layout round-trips through every backend.
 
 With no subcommand: check, then `kernels --quick`, then `e2e --quick`.
-Without a GPU every subcommand runs a tiny CPU version and labels its numbers
-as CPU numbers.
+Without a GPU every subcommand runs a tiny CPU version and says so once.
+Results are appended to <out>/kernels.jsonl and <out>/e2e.jsonl.
 """
 
 EPILOG = """\
 examples:
   hicache-bench kernels --preset llama-3.1-8b --op load --page-size 1 64 --sm-budget 2 4
-  hicache-bench kernels --suite issue3            # issue 3's targets in one table
+  hicache-bench kernels --suite targets           # the CUDA kernels' targets in one table
   hicache-bench kernels --under-load --op load    # next to a bf16 GEMM stream
-  hicache-bench e2e --preset qwen3-0.6b --clients 64 --rounds 5
+  hicache-bench e2e --concurrency 2,4,8,16 --input-len 2048 --output-len 256
+  hicache-bench e2e --list-cases --storage nixl   # what would run, and about how long
+  hicache-bench kernels --compare hicache-bench-results/kernels.jsonl
   nsys run with ranges: HICACHE_NVTX=1, or --nvtx (see docs/profiling.md)
+"""
+
+KERNELS_DESCRIPTION = """\
+GB/s of each transfer backend for a model's KV geometry.
+
+A case is (op, host layout, page size, tokens, backend, SM budget):
+  load    one layer, host -> device (what a forward pass waits on)
+  backup  every layer, device -> host
+  both    every layer loaded, one call per layer, while another range backs up
+Each case is checked by bytes, then timed (median of --reps runs after
+--warmup). Its ceiling is one contiguous copy of the same bytes, measured in
+the same run the same way; "% of ceiling" is against it.
+"""
+
+E2E_DESCRIPTION = """\
+A multi-turn chat workload (as SGLang's bench_multiturn) without and with
+HiCache's host tier, and with a storage tier when asked.
+
+Each request is the client's whole history plus --request-length new tokens
+and yields --output-length tokens. The device pool is too small to keep every
+history: without HiCache an evicted history is recomputed; with it, it comes
+back from the host pool layer by layer while the forward pass runs.
+On a GPU every prefill runs and is timed; without one the same work runs but
+service times come from a fixed cost model, so one seed gives one answer.
 """
 
 
 # -- argument parsing -----------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """Errors are one line (no usage dump), raised for :func:`main` to print."""
+
+    def error(self, message: str):
+        raise UsageError(message.replace("argument ", "", 1))
+
 
 def _list(convert):
     """Parse one argument of a list flag: space- or comma-separated values."""
@@ -50,10 +91,39 @@ def _list(convert):
     return parse
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text}")
+def _int_at_least(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+_positive = _int_at_least(1, "a positive int")
+_count = _int_at_least(0, "an int >= 0")
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError("expected a number, got nan")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(
+            f"expected requests/s > 0 (or inf: each request as soon as a slot is free), got {text}; "
+            "leave it out for 70% of the full-recompute capacity")
     return value
 
 
@@ -70,10 +140,6 @@ def _choice(options):
     return parse
 
 
-def _flat(values) -> tuple:
-    return tuple(v for group in values for v in group) if values else ()
-
-
 def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
     """Flags every subcommand takes. On subcommands their defaults are suppressed,
     so ``hicache-bench --out X kernels`` keeps X (argparse would reset it)."""
@@ -84,14 +150,26 @@ def _common(p: argparse.ArgumentParser, *, top: bool = False) -> None:
     add("--quick", action="store_true", default=False,
         help="a short version (seconds on a GPU; the tiny CPU version without one)")
     add("--out", metavar="DIR", default="hicache-bench-results",
-        help="where JSON, CSV and PNG files go (default: hicache-bench-results)")
+        help="where results go: each run appends to DIR/kernels.jsonl or DIR/e2e.jsonl "
+             "and writes its CSV and plots named by time and tag (default: hicache-bench-results)")
+    add("--tag", metavar="TEXT", default="", help="a label stored with the results and in file names")
+    add("--wide", action="store_true", default=False,
+        help="wider tables: tokens, milliseconds, ceilings' GB/s and notes per row")
     add("--nvtx", action="store_true", default=False,
         help="mark each case and operation with NVTX ranges in domain 'hicache' "
              "(same as HICACHE_NVTX=1)")
     add("--device", choices=("auto", "cuda", "cpu"), default="auto",
         help="run on the GPU or the CPU (default: the GPU if there is one)")
-    add("--seed", type=int, default=0, help="seed for indices, data and arrivals")
+    add("--seed", type=int, default=0, help="seed for indices, data and arrivals (default: 0)")
     add("--no-progress", action="store_true", default=False, help="no progress bar")
+
+
+def _results(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("listing and comparing")
+    g.add_argument("--list-cases", action="store_true",
+                   help="print what would run and a rough time for each, then stop")
+    g.add_argument("--compare", metavar="FILE",
+                   help="compare with the last run of this subcommand in FILE (.json or .jsonl)")
 
 
 def _geometry(p: argparse.ArgumentParser) -> None:
@@ -104,23 +182,26 @@ def _geometry(p: argparse.ArgumentParser) -> None:
                    help="elements per KV head (MLA: kv_lora_rank + rope dim, e.g. 576)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="KV dtype (default: bf16)")
     g.add_argument("--mla", action="store_true", help="one latent vector per token (no V)")
-    g.add_argument("--tp", type=_positive, help="tensor-parallel ranks; KV heads are split over them")
+    g.add_argument("--tp", type=_positive,
+                   help="tensor-parallel ranks; KV heads are split over them (a divisor or a "
+                        "multiple of the KV heads)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="hicache-bench", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=fmt)
-    parser.add_argument("--version", action="version", version=f"hicache-kernels {__version__}")
+    parser = Parser(prog="hicache-bench", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=version_text())
     _common(parser, top=True)
-    sub = parser.add_subparsers(dest="command", metavar="{kernels,e2e,check}")
+    sub = parser.add_subparsers(dest="command", metavar="{kernels,e2e,check}", parser_class=Parser)
 
     k = sub.add_parser("kernels", help="GB/s per backend vs same-run ceilings and baselines",
-                       description=kernels.__doc__, formatter_class=fmt)
+                       description=KERNELS_DESCRIPTION, formatter_class=fmt)
     _common(k)
+    _results(k)
     _geometry(k)
     s = k.add_argument_group("what to sweep (lists: space- or comma-separated)")
-    s.add_argument("--tokens", type=_positive, help="tokens per call (default 8192; CPU 256)")
+    s.add_argument("--tokens", type=_positive,
+                   help="tokens per call, a whole number of pages (default 8192; CPU 256)")
     s.add_argument("--page-size", type=_list(_positive), nargs="+", metavar="P",
                    help="tokens per page: indices are whole pages in random order (default 1 16 64 256)")
     s.add_argument("--layout", type=_list(_choice([k.value for k in LayoutKind])), nargs="+",
@@ -128,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", type=_list(_choice(backends.NAMES)), nargs="+", metavar="NAME",
                    help=f"our backends, of {', '.join(backends.NAMES)} (default: all available here)")
     s.add_argument("--sm-budget", type=_list(_budget), nargs="+", metavar="N",
-                   help="blocks a kernel backend may use; 'default' = its own (default: default)")
+                   help="blocks a kernel backend may use; 'default' = its own (default: default); "
+                        "refused when no backend of the run is a kernel")
     s.add_argument("--op", type=_list(_choice(kernels.OPS)), nargs="+", metavar="OP",
                    help="load = one layer host->device, backup = all layers device->host, "
                         "both = the two at once on two streams (default: all)")
@@ -137,53 +219,74 @@ def build_parser() -> argparse.ArgumentParser:
                         "GEMM's slowdown and the transfer's speed")
     s.add_argument("--gemm-size", type=_positive, help="M=N=K of that GEMM (default 8192)")
     s.add_argument("--no-baselines", action="store_true", help="skip torch-index, per-page, sgl_kernel")
-    s.add_argument("--suite", choices=("issue3",),
-                   help="a fixed set of cases instead of a sweep (issue3: the CUDA kernels' targets)")
+    s.add_argument("--suite", choices=("targets",),
+                   help="a fixed set of cases instead of a sweep (targets: the CUDA kernels' "
+                        "targets, each with a 'meets' column; needs a GPU)")
     t = k.add_argument_group("timing")
-    t.add_argument("--warmup", type=int, help="untimed runs first (default 3)")
+    t.add_argument("--warmup", type=_count, help="untimed runs first (default 3)")
     t.add_argument("--reps", type=_positive, help="timed runs; the median is reported (default 20)")
-    t.add_argument("--num-warps", type=int, help="warps per block for kernel backends")
-    t.add_argument("--load-layer", type=int, help="which layer 'load' moves (default: the middle one)")
+    t.add_argument("--num-warps", type=_positive, help="warps per block for kernel backends")
+    t.add_argument("--load-layer", type=_count,
+                   help="which layer 'load' moves (default: the middle one of the layers run)")
 
-    e = sub.add_parser("e2e", help="multi-turn workload with and without the host tier",
-                       description=e2e.__doc__, formatter_class=fmt)
+    e = sub.add_parser("e2e", help="multi-turn workload without and with the host tier",
+                       description=E2E_DESCRIPTION, formatter_class=fmt)
     _common(e)
+    _results(e)
     _geometry(e)
-    w = e.add_argument_group("workload (as SGLang's bench_multiturn)")
-    w.add_argument("--clients", type=_positive, help="conversations (default 32; quick 16)")
-    w.add_argument("--rounds", type=_positive, help="rounds per conversation (default 4)")
-    w.add_argument("--request-length", type=_positive, help="new tokens per request (default 512)")
-    w.add_argument("--output-length", type=_positive, help="tokens per answer (default 64)")
-    w.add_argument("--request-rate", type=float,
-                   help="requests/s, Poisson (default: 70%% of the full-recompute capacity measured here)")
-    w.add_argument("--max-parallel", type=_positive, help="requests in flight at most (default: clients)")
-    w.add_argument("--ready-policy", choices=("random", "fifo"), default="random",
+    w = e.add_argument_group("workload (SGLang's bench_multiturn names work too)")
+    w.add_argument("--clients", "--num-clients", dest="clients", type=_positive,
+                   help="conversations (default 32; quick 16; CPU 6; with --concurrency at "
+                        "least twice the highest level)")
+    w.add_argument("--rounds", "--num-rounds", dest="rounds", type=_positive,
+                   help="rounds per conversation (default 4; CPU 3)")
+    w.add_argument("--request-length", "--input-len", dest="request_length", type=_positive,
+                   help="new tokens per request (default 512; CPU 48)")
+    w.add_argument("--output-length", "--output-len", dest="output_length", type=_positive,
+                   help="tokens per answer (default 64; CPU 16)")
+    w.add_argument("--concurrency", "--max-parallel", "--max-concurrency", dest="concurrency",
+                   type=_list(_positive), nargs="+", metavar="N",
+                   help="requests in flight at most; a list runs one level each, e.g. 2,4,8,16 "
+                        "(default: every client, one level)")
+    w.add_argument("--request-rate", type=_rate,
+                   help="requests/s, or inf (default: inf with --concurrency, else 70%% of the "
+                        "full-recompute capacity)")
+    w.add_argument("--distribution", choices=("poisson", "uniform"), default="poisson",
+                   help="gaps between requests (default: %(default)s)")
+    w.add_argument("--ready-policy", "--ready-queue-policy", dest="ready_policy",
+                   choices=("random", "fifo"), default="random",
                    help="which ready client sends next (default: %(default)s)")
+    w.add_argument("--shared-system-prompt", type=_count, metavar="TOKENS",
+                   help="a system prompt shared by every client, before each history (default 0)")
+    w.add_argument("--user-history-prompt", type=_count, metavar="TOKENS",
+                   help="each client's own history before its first round (default 0)")
     c = e.add_argument_group("cache")
-    c.add_argument("--page-size", type=_positive, help="tokens per page (default 64)")
-    c.add_argument("--device-fraction", type=float,
-                   help="device pool as a fraction of all final histories (default 0.3)")
-    c.add_argument("--device-tokens", type=_positive, help="device pool in tokens (overrides the fraction)")
-    c.add_argument("--host-ratio", type=float, help="host pool / device pool (default 4; SGLang's default 2)")
+    c.add_argument("--page-size", type=_positive, help="tokens per page (default 64; on a CPU 16 for requests of 64 tokens or fewer)")
+    c.add_argument("--device-fraction", type=_number,
+                   help="device pool as a fraction of all final histories, in (0, 1] (default 0.3)")
+    c.add_argument("--device-tokens", type=_positive,
+                   help="device pool in tokens (instead of --device-fraction)")
+    c.add_argument("--host-ratio", type=_number,
+                   help="host pool / device pool, > 0 (default 4; SGLang's default 2)")
     c.add_argument("--host-layout", choices=[k.value for k in LayoutKind], default="layer_first",
                    help="host pool layout (default: %(default)s)")
     c.add_argument("--write-policy", choices=("write_through", "write_through_selective", "write_back"),
                    default="write_through", help="when pages are backed up (default: %(default)s)")
     c.add_argument("--backend", choices=("auto",) + backends.NAMES, default="auto",
                    help="transfer backend of the tier (default: %(default)s)")
-    c.add_argument("--sm-budget", type=_positive, help="blocks the tier's kernels may use")
-    c.add_argument("--storage", choices=("none", "nixl"), default="none",
-                   help="a third tier below the host pool: nixl writes every page backed up to "
-                        "host to files through NIXL and fetches lost histories back (default: "
-                        "%(default)s)")
+    c.add_argument("--sm-budget", type=_positive,
+                   help="blocks the tier's kernels may use (refused when its backend is no kernel)")
+    c.add_argument("--storage", choices=("none", "nixl"), default=None,
+                   help="nixl adds a run with a third tier below the host pool: every page backed "
+                        "up to host is written to files through NIXL and lost histories come back "
+                        "from them (default: none)")
     c.add_argument("--storage-dir", metavar="DIR",
                    help="where --storage nixl keeps its files, kept after the run so a later run "
                         "finds them (implies --storage nixl; default: a temporary directory)")
     c.add_argument("--prefetch-policy", choices=("best_effort", "wait_complete", "timeout"),
-                   default="wait_complete",
+                   default=None,
                    help="when a request stops waiting for pages from storage, as in SGLang "
-                        "(default: %(default)s; best_effort barely waits here, as this server "
-                        "prefills a request as soon as it arrives)")
+                        "(default: wait_complete; the others need a GPU's real clock)")
     c.add_argument("--kv-events", metavar="ENDPOINT",
                    help="publish the tier's KV events (stored/removed per tier, SGLang's format, "
                         "topic kv-events) on this ZMQ endpoint, e.g. tcp://*:5557")
@@ -195,193 +298,242 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- resolving flags ---------------------------------------------------------------------
+def version_text() -> str:
+    """The version and whether the CUDA library is built (what ``make`` prints)."""
+    from ..backends import _native
 
-def _preset(args, default: ModelPreset) -> ModelPreset:
-    base = PRESETS[args.preset] if args.preset else default
-    changes = {}
-    for flag, name in (("layers", "layers"), ("kv_heads", "kv_heads"), ("head_dim", "head_dim"),
-                       ("tp", "tp")):
-        if getattr(args, flag, None) is not None:
-            changes[name] = getattr(args, flag)
-    if getattr(args, "dtype", None):
-        changes["dtype"] = DTYPES[args.dtype]
-    if getattr(args, "mla", False) and not base.mla:
-        head_dim = changes.get("head_dim", base.head_dim)
-        changes.update(mla=True, kv_heads=1, kv_lora_rank=max(1, head_dim - 64),
-                       q_lora_rank=base.q_lora_rank or base.hidden // 4,
-                       v_head_dim=base.v_head_dim or 128)
-    if not changes:
-        return base
-    if base.mla and "head_dim" in changes:
-        changes["kv_lora_rank"] = max(1, changes["head_dim"] - 64)
-    return base.with_geometry(**changes)
+    lib, why = _native.library()
+    native = _native.describe_build(_native.build_info(lib)) if lib is not None else why
+    return f"hicache-kernels {__version__}: {native}"
 
 
-def _clock(args) -> Clock:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("hicache-bench: --device cuda: no CUDA device is available here")
-    gpu = torch.cuda.is_available() and args.device != "cpu"
-    return Clock("cuda" if gpu else "cpu")
+# -- output --------------------------------------------------------------------------
+
+class Output:
+    """The console, and what is said only once per invocation (the machine, the
+    CPU caveat)."""
+
+    def __init__(self, *, wide: bool):
+        self.console = report.console(wide=wide)
+        self.wide = wide
+        self._said: set[str] = set()
+
+    def print(self, *args, **kw) -> None:
+        self.console.print(*args, **kw)
+
+    def machine(self, doc: dict) -> None:
+        line = report.machine_line(doc["machine"])
+        if "machine" not in self._said:
+            self._said.add("machine")
+            self.print(f"machine: {line}", highlight=False)
+        if doc.get("cpu_only") and "cpu" not in self._said:
+            self._said.add("cpu")
+            self.print(f"[yellow]{report.CPU_LABEL}[/]")
 
 
-def kernels_config(args, clock: Clock) -> tuple[kernels.KernelConfig, list | None]:
-    if args.suite:
-        if not clock.gpu:
-            raise SystemExit("hicache-bench: --suite issue3 measures GPU targets; no GPU here")
-        cfg, cases = kernels.issue3_suite()
-        cfg.warmup = args.warmup if args.warmup is not None else cfg.warmup
-        cfg.reps = args.reps or cfg.reps
-        cfg.seed = args.seed
-        cfg.gemm_size = args.gemm_size or cfg.gemm_size
-        return cfg, cases
-    preset = _preset(args, PRESETS["llama-3.1-8b"])
-    cfg = (kernels.quick_config(preset, clock.gpu) if args.quick or not clock.gpu
-           else kernels.KernelConfig(preset=preset))
-    if not clock.gpu and not args.quick:
-        cfg.notes.append("no GPU: the tiny CPU version (what --quick runs)")
-    updates = dict(
-        tokens=args.tokens, page_sizes=_flat(args.page_size), layouts=_flat(args.layout),
-        backends=_flat(args.backend), sm_budgets=_flat(args.sm_budget), ops=_flat(args.op),
-        gemm_size=args.gemm_size, warmup=args.warmup, reps=args.reps, num_warps=args.num_warps,
-        load_layer=args.load_layer,
-    )
-    for name, value in updates.items():
-        if value is not None and value != ():
-            setattr(cfg, name, value)
-    cfg.under_load = args.under_load
-    cfg.baselines = not args.no_baselines
-    cfg.seed = args.seed
-    if args.layers is not None and not clock.gpu:   # asked for: not cut to the CPU's 4
-        cfg.preset = replace(cfg.preset, layers=args.layers)
-    return cfg, None
-
-
-def e2e_config(args, clock: Clock) -> e2e.E2EConfig:
-    preset = _preset(args, PRESETS["llama-3.1-8b"])
-    if clock.gpu and not args.quick:
-        cfg = e2e.E2EConfig(preset=preset)
-    else:
-        cfg = e2e.quick_config(preset, clock.gpu)
-    w = cfg.workload
-    for flag in ("clients", "rounds", "request_length", "output_length", "request_rate",
-                 "max_parallel"):
-        if getattr(args, flag) is not None:
-            setattr(w, flag, getattr(args, flag))
-    w.ready_policy = args.ready_policy
-    w.seed = args.seed
-    for flag in ("page_size", "device_fraction", "device_tokens", "host_ratio", "sm_budget"):
-        if getattr(args, flag) is not None:
-            setattr(cfg, flag, getattr(args, flag))
-    cfg.host_layout, cfg.write_policy, cfg.backend = args.host_layout, args.write_policy, args.backend
-    cfg.storage = "nixl" if args.storage_dir else args.storage
-    cfg.storage_dir, cfg.prefetch_policy = args.storage_dir, args.prefetch_policy
-    cfg.kv_events = args.kv_events
-    cfg.verify = not args.no_verify
-    if not clock.gpu:
-        cfg.notes.append(report.CPU_LABEL)
-    return cfg
-
-
-# -- running ----------------------------------------------------------------------------
-
-def _progress(console, args):
-    if args.no_progress or not console.is_terminal:
+def _progress(out: Output, args):
+    if args.no_progress or not out.console.is_terminal:
         return contextlib.nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), console=out.console, transient=True)
 
 
-def cmd_kernels(args, console) -> int:
-    clock = _clock(args)
+def _unique(path: Path) -> Path:
+    n = 1
+    while path.exists():
+        path = path.with_name(f"{path.stem.rsplit('.', 1)[0]}.{n}{path.suffix}")
+        n += 1
+    return path
+
+
+def _document(benchmark_doc: dict, argv, tag: str) -> dict:
+    meta = run_metadata(argv, tag)
+    return dict(benchmark=benchmark_doc.pop("benchmark"), timestamp=meta["timestamp"], tag=tag,
+                meta=meta, **benchmark_doc)
+
+
+# -- commands ------------------------------------------------------------------------
+
+def cmd_kernels(args, out: Output, argv=None) -> int:
+    usable_out(args.out)
+    clock = clock_for(args)
     cfg, cases = kernels_config(args, clock)
-    with _progress(console, args) as progress:
+    cases = kernels.sweep(cfg, gpu=clock.gpu) if cases is None else cases
+    if args.list_cases:
+        return _list_kernels(out, cfg, cases, clock)
+    base = load_baseline("--compare", args.compare, "kernels") if args.compare else None
+    with _progress(out, args) as progress:
         result = kernels.run(cfg, clock, cases, progress=progress)
-    console.print(report.kernels_table(result))
-    for note in result["notes"]:
-        console.print(f"note: {note}")
-    for why in report.skipped_baselines(result):
-        console.print(f"baseline not run: {why}")
-    if any(r.get("overlapped") is False for r in result["rows"]):
-        console.print("note: under load, this device ran the GEMMs and the transfers one after "
-                      "the other (no overlap), so 'w/ GEMM' numbers are not interference")
-    out = report.out_dir(args.out)
+    doc = _document(result, argv, args.tag)
+    out.machine(doc)
+    out.print(report.kernels_table(doc, wide=out.wide))
+    for line in report.kernel_headlines(doc):
+        out.print(line, highlight=False)
+    for line in report.kernel_legend(doc, wide=out.wide):
+        out.print(line, highlight=False, style="dim")
+    for note in doc["notes"]:
+        out.print(f"note: {note}", highlight=False)
+    for why in report.skipped_baselines(doc):
+        out.print(f"baseline not run: {why}", highlight=False)
+    if any(r.get("overlapped") is False for r in doc["rows"]):
+        out.print("note: under load, this device ran the GEMMs and the transfers one after "
+                  "the other (no overlap), so 'w/ GEMM' numbers are not interference")
+    if base is not None:
+        table, lines = report.compare_kernels(doc, base)
+        out.print(table)
+        for line in lines:
+            out.print(line, highlight=False)
     stem = "kernels" + (f"-{cfg.suite}" if cfg.suite else "")
-    paths = [report.write_json(out / f"{stem}.json", result),
-             report.write_csv(out / f"{stem}.csv", result),
-             report.plot_kernels(out / f"{stem}.png", result)]
-    console.print("wrote " + ", ".join(str(p) for p in paths if p))
-    rows = result["rows"]
+    folder = Path(args.out)
+    rid = run_id(doc["timestamp"], args.tag)
+    paths = [append_jsonl(folder / f"{stem}.jsonl", doc),
+             report.write_csv(_unique(folder / f"{stem}-{rid}.csv"), doc),
+             report.plot_kernels(_unique(folder / f"{stem}-{rid}.png"), doc)]
+    out.print("wrote " + ", ".join(str(p) for p in paths if p), highlight=False)
+    rows = doc["rows"]
     if cfg.suite:
         judged = [r for r in rows if "meets" in r]
-        console.print(f"targets met: {sum(r['meets'] for r in judged)} of {len(judged)} measured "
-                      f"({sum(1 for r in rows if r.get('target') and 'meets' not in r)} not measured)")
+        out.print(f"targets met: {sum(r['meets'] for r in judged)} of {len(judged)} measured "
+                  f"({sum(1 for r in rows if r.get('target') and 'meets' not in r)} not measured)")
     bad = [r for r in rows if r.get("verified") is False or r.get("error")]
     for r in bad:
-        console.print(f"[red]FAILED[/]: {r['op']} {r['layout']} P={r['page_size']} {r['backend']}: "
-                      f"{r['note']}")
+        out.print(f"[red]FAILED[/]: {r['op']} {r['layout']} P={r['page_size']} {r['backend']}: "
+                  f"{r['note']}", highlight=False)
+    if doc["interrupted"]:
+        out.print(f"[yellow]interrupted[/]: saved the {len(rows)} of {doc['cases_planned']} cases "
+                  "that finished")
+        return 130
     return 1 if bad else 0
 
 
-def cmd_e2e(args, console) -> int:
-    clock = _clock(args)
+def _list_kernels(out: Output, cfg, cases, clock) -> int:
+    from rich import box
+    from rich.table import Table
+
+    seconds = kernels.estimate_seconds(cfg, cases, clock.gpu)
+    table = Table(title=f"kernels: {len(cases)} cases on {clock.label()} ({cfg.preset.describe()})",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("#", justify="right")
+    table.add_column("case")
+    table.add_column("s (rough)", justify="right")
+    for i, (c, s) in enumerate(zip(cases, seconds), 1):
+        table.add_row(str(i), c.id + (" (baseline)" if c.kind == "baseline" else "")
+                      + (" + GEMM" if c.under_load else ""), f"{s:.1f}")
+    out.print(table)
+    out.print(f"about {sum(seconds):.0f} s in all (a rough estimate), plus start-up", highlight=False)
+    return 0
+
+
+def cmd_e2e(args, out: Output, argv=None) -> int:
+    usable_out(args.out)
+    clock = clock_for(args)
     cfg = e2e_config(args, clock)
-    with _progress(console, args) as progress:
+    if args.list_cases:
+        return _list_e2e(out, cfg, clock)
+    base = load_baseline("--compare", args.compare, "e2e") if args.compare else None
+    with _progress(out, args) as progress:
         result = e2e.run(cfg, clock, progress=progress)
-    console.print(report.e2e_table(result))
-    for name, text in result["caches"].items():
-        console.print(f"{name}: {text}")
-    pools = result["pools"]
-    console.print(f"device pool {pools['device_tokens']} tokens for {pools['all_histories_tokens']} "
-                  f"tokens of final histories; {result['workload']['request_rate']:.2f} requests/s")
-    for note in result["notes"]:
-        console.print(f"note: {note}")
-    path = report.write_json(report.out_dir(args.out) / "e2e.json", result)
-    console.print(f"wrote {path}")
-    failures = sum(r.get("verify_failures", 0) for r in result["runs"].values())
+    doc = _document(result, argv, args.tag)
+    out.machine(doc)
+    if doc["time"] == "modeled":
+        out.print("times below are modeled (no GPU): see the cost model in the JSON", style="dim")
+    for block in report.e2e_blocks(doc):
+        out.print(block, highlight=False)
+    if len(doc["levels"]) > 1:
+        out.print(report.e2e_sweep_table(doc))
+    for name, text in doc["caches"].items():
+        out.print(f"{name}: {text}", highlight=False)
+    pools = doc["pools"]
+    out.print(f"device pool {pools['device_tokens']} tokens for {pools['all_histories_tokens']} "
+              "tokens of final histories", highlight=False)
+    for note in doc["notes"]:
+        out.print(f"note: {note}", highlight=False)
+    if base is not None:
+        table, lines = report.compare_e2e(doc, base)
+        out.print(table)
+        for line in lines:
+            out.print(line, highlight=False)
+    folder = Path(args.out)
+    rid = run_id(doc["timestamp"], args.tag)
+    paths = [append_jsonl(folder / "e2e.jsonl", doc),
+             report.plot_sweep(_unique(folder / f"e2e-{rid}.png"), doc)]
+    out.print("wrote " + ", ".join(str(p) for p in paths if p), highlight=False)
+    failures = sum(r.get("verify_failures", 0) for lv in doc["levels"] for r in lv["runs"].values())
     if failures:
-        console.print(f"[red]FAILED[/]: {failures} requests found cached KV bytes that differ")
+        out.print(f"[red]FAILED[/]: {failures} requests found cached KV bytes that differ")
+    if doc["interrupted"]:
+        done = sum(len(lv["runs"]) for lv in doc["levels"])
+        out.print(f"[yellow]interrupted[/]: saved the {done} runs that finished")
+        return 130
     return 1 if failures else 0
 
 
-def cmd_check(args, console) -> int:
+def _list_e2e(out: Output, cfg, clock) -> int:
+    rows = e2e.estimate_seconds(cfg, clock.gpu)
+    w = cfg.workload
+    out.print(f"e2e on {clock.label()}: {cfg.preset.describe()}; {w.clients} clients x {w.rounds} "
+              f"rounds of {w.request_length} + {w.output_length} tokens", highlight=False)
+    for label, requests, seconds in rows:
+        out.print(f"  {label}: {requests} requests, ~{seconds:.0f} s", highlight=False)
+    out.print(f"about {sum(s for _, _, s in rows):.0f} s in all (a rough estimate)", highlight=False)
+    return 0
+
+
+def cmd_check(args, out: Output, argv=None) -> int:
     from .selfcheck import run_selfcheck
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    console.print(f"hicache-kernels {__version__}, torch {torch.__version__}, GPU: {gpu}")
+    out.print(f"{version_text()}, torch {torch.__version__}, GPU: {gpu}", highlight=False)
     for name, (ok, why) in backends.status().items():
-        console.print(f"  backend {name:12s} {'yes' if ok else 'no ':3s}  {why}")
+        out.print(f"  backend {name:12s} {'yes' if ok else 'no ':3s}  {why}", highlight=False)
     rows = run_selfcheck()
     bad = [r for r in rows if not r["bytes_equal"]]
     for r in bad:
-        console.print(f"  [red]MISMATCH[/] {r['layout']} {r['attn']} {r['backend']}")
-    console.print(f"self-check: {len(rows)} round trips, "
-                  + ("[red]FAILED[/]" if bad else "every layout round-trips bit-exactly"))
+        out.print(f"  [red]MISMATCH[/] {r['layout']} {r['attn']} {r['backend']}")
+    out.print(f"self-check: {len(rows)} round trips, "
+              + ("[red]FAILED[/]" if bad else "every layout round-trips bit-exactly"))
     return 1 if bad else 0
 
 
+COMMANDS = {"kernels": cmd_kernels, "e2e": cmd_e2e, "check": cmd_check}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2: bad input, 130: Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except UsageError as exc:
+        print(f"hicache-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hicache-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.nvtx:
         nvtx_ranges.enable()
-    console = report.console()
-    if args.command == "kernels":
-        return cmd_kernels(args, console)
-    if args.command == "e2e":
-        return cmd_e2e(args, console)
-    if args.command == "check":
-        return cmd_check(args, console)
+    out = Output(wide=args.wide)
+    if args.command:
+        return COMMANDS[args.command](args, out, argv)
     # no subcommand: the short default of everything
-    status = cmd_check(args, console)
+    usable_out(args.out)
+    status = cmd_check(args, out)
     for command in ("kernels", "e2e"):
-        console.rule(f"hicache-bench {command} --quick")
+        out.console.rule(f"hicache-bench {command} --quick")
         sub = parser.parse_args([command, "--quick", "--out", args.out, "--device", args.device,
-                                 "--seed", str(args.seed)]
+                                 "--seed", str(args.seed), "--tag", args.tag]
                                 + (["--nvtx"] if args.nvtx else [])
+                                + (["--wide"] if args.wide else [])
                                 + (["--no-progress"] if args.no_progress else []))
-        status |= cmd_kernels(sub, console) if command == "kernels" else cmd_e2e(sub, console)
+        code = COMMANDS[command](sub, out, argv)
+        if code == 130:
+            return code
+        status |= code
     return status
 
 

@@ -4,26 +4,31 @@ The workload follows SGLang's ``benchmark/hicache/bench_multiturn.py``:
 ``clients`` conversations of ``rounds`` rounds; each request is the client's
 whole history plus ``request_length`` new tokens and yields ``output_length``
 tokens, which join the history; a sender pops a ready request (a client whose
-previous answer is done) after each Poisson-distributed gap, with at most
-``max_parallel`` requests in flight.
+previous answer is done) after each Poisson (or uniform) gap, with at most
+``max_parallel`` requests in flight. As in LMCache's multi-round QA, every
+conversation may start with a system prompt shared by all clients and a
+history of its own.
 
-The server is simulated in virtual time around real device work: requests are
-prefilled one at a time in arrival order, and each prefill really runs on the
-device (:class:`~.forward.StandInForward`: per-layer GEMMs, KV writes,
-attention over the cached context), timed with CUDA events. Decoding is not
-run per request: each answer takes ``output_length`` x one measured decode
-step, off the server's critical path (continuous batching hides it).
+The server is simulated around real device work: requests are prefilled one
+at a time in arrival order, and each prefill really runs on the device
+(:class:`~.forward.StandInForward`: per-layer GEMMs, KV writes, attention over
+the cached context). Its time is measured with CUDA events on a GPU; without
+one it comes from a fixed cost model (:class:`CostModel`), so CPU noise cannot
+change what a run reports and one seed gives one answer. Decoding is not run
+per request: each answer takes ``output_length - 1`` decode steps, off the
+server's critical path, a step costing more the more requests decode at once.
 
-The device pool is too small to keep every history. Two caches are compared
-on the same workload and seed:
+The device pool is too small to keep every history. Caches compared on the
+same workload and seed, at each concurrency level:
 
 * ``without HiCache`` (:class:`DeviceCache`): the device pool alone, a
   page-granular LRU prefix cache; an evicted history is recomputed;
 * ``with HiCache`` (:class:`~.tier.HiCacheTier`): the manager's host tier
   behind the same interface; evicted pages come back by layer-wise loads that
-  overlap the forward pass. With ``--storage nixl`` a third tier sits below
-  the host pool: every page backed up to host is also written to files
-  through NIXL, and a history the host pool lost is fetched back from them.
+  overlap the forward pass;
+* ``with HiCache + storage`` (with ``storage="nixl"``): a third tier below the
+  host pool; every page backed up to host is also written to files through
+  NIXL, and a history the host pool lost is fetched back from them.
 
 Only whole pages are cached (SGLang's paged radix cache does the same). Pages
 are named by SGLang's chained SHA-256 page keys over the requests' token ids
@@ -34,11 +39,13 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 import random
 import shutil
 import tempfile
+import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Hashable, Protocol, Sequence
 
 import torch
@@ -48,10 +55,16 @@ from ..nvtx_ranges import nvtx_range
 from ..storage.keys import page_keys
 from .forward import StandInForward
 from .presets import TINY, ModelPreset
-from .timing import Clock, machine_info, median, percentile
+from .timing import Clock, machine_info, median, percentile, pinned_threads
 from .tier import HiCacheTier, Match
 
-__all__ = ["Cache", "DeviceCache", "E2EConfig", "Workload", "run", "simulate", "summarize"]
+__all__ = ["Cache", "CostModel", "DeviceCache", "E2EConfig", "Workload", "run", "simulate",
+           "summarize", "RUN_NAMES"]
+
+WITHOUT, WITH, WITH_STORAGE = "without HiCache", "with HiCache", "with HiCache + storage"
+RUN_NAMES = (WITHOUT, WITH, WITH_STORAGE)
+# token ids of the shared system prompt come from this "client"
+SHARED_CLIENT = 999_983
 
 
 class Cache(Protocol):
@@ -144,46 +157,118 @@ class DeviceCache:
 
 @dataclass
 class Workload:
-    """Multi-turn conversations, as SGLang's bench_multiturn describes them."""
+    """Multi-turn conversations, as SGLang's bench_multiturn and LMCache's
+    multi-round QA describe them.
+
+    Every sequence is ``shared_prefix`` tokens common to all clients, then
+    ``user_history`` tokens of the client's own, then per round
+    ``request_length`` new tokens and ``output_length`` answer tokens.
+    ``request_rate``: requests/s (``inf``: each as soon as a slot is free;
+    None: 70% of the full-recompute capacity).
+    """
 
     clients: int = 32
     rounds: int = 4
     request_length: int = 512
     output_length: int = 64
-    request_rate: float | None = None    # requests/s; None: 70% of full-recompute capacity
+    request_rate: float | None = None
     max_parallel: int | None = None      # None: every client
     ready_policy: str = "random"         # which ready client sends next: random or fifo
+    distribution: str = "poisson"        # gaps between sends: poisson or uniform
+    shared_prefix: int = 0               # system prompt tokens shared by every client
+    user_history: int = 0                # tokens of each client's own history before round 0
     seed: int = 0
 
     @property
     def requests(self) -> int:
         return self.clients * self.rounds
 
+    @property
+    def prefix(self) -> int:
+        return self.shared_prefix + self.user_history
+
     def history(self, round_: int) -> int:
         """Tokens of context before round ``round_``'s new tokens."""
-        return round_ * (self.request_length + self.output_length)
+        return self.prefix + round_ * (self.request_length + self.output_length)
 
     @property
     def longest(self) -> int:
         """Tokens of the longest sequence (the last round, answer included)."""
-        return self.rounds * (self.request_length + self.output_length)
+        return self.history(self.rounds)
+
+    @property
+    def distinct_tokens(self) -> int:
+        """Tokens of every final history together, the shared prefix counted once."""
+        return self.shared_prefix + self.clients * (self.longest - self.shared_prefix)
 
 
-def simulate(w: Workload, rate: float, serve: Callable[[int, int], float], decode_s: float,
-             on_request: Callable[[], None] | None = None) -> list[dict]:
-    """Run the workload in virtual time; ``serve(client, round)`` does the real work
-    and returns its service time in seconds.
+@dataclass(frozen=True)
+class CostModel:
+    """Service times without a GPU: fixed costs, so a run is a function of its seed.
 
-    One server prefills requests in arrival order; an answer completes
-    ``decode_s`` after its prefill, and only then is the client's next round ready.
+    A prefill of ``n`` new tokens over a context of ``c`` costs, per layer,
+    the larger of its compute (weight GEMMs ``2 n sum(in*out)`` plus attention
+    ``4 n c q_heads head_dim`` FLOPs at ``flops_per_s``) and its layer-wise
+    load (``loaded`` tokens' KV at ``link_bytes_per_s``), plus
+    ``layer_overhead_s``; the first layer's load is not hidden. A decode step
+    of ``b`` requests costs the same compute for ``b`` tokens. A fetch from
+    storage costs ``storage_latency_s`` plus its bytes at ``storage_bytes_per_s``.
     """
-    if rate <= 0:
+
+    flops_per_s: float = 20e9
+    link_bytes_per_s: float = 5e9
+    storage_bytes_per_s: float = 1e9
+    storage_latency_s: float = 100e-6
+    layer_overhead_s: float = 20e-6
+    request_overhead_s: float = 200e-6
+
+    @staticmethod
+    def _flops(preset: ModelPreset, n: int, context: int) -> float:
+        gemm = 2.0 * n * sum(i * o for i, o in preset.gemm_shapes())
+        return gemm + 4.0 * n * context * preset.q_heads_per_rank * preset.head_dim
+
+    def prefill_s(self, preset: ModelPreset, computed: int, context: int, loaded: int) -> float:
+        compute = self._flops(preset, computed, context) / self.flops_per_s
+        load = loaded * preset.token_layer_bytes / self.link_bytes_per_s
+        return (self.request_overhead_s + load
+                + preset.layers * (self.layer_overhead_s + max(compute, load)))
+
+    def decode_step_s(self, preset: ModelPreset, batch: int, context: int) -> float:
+        compute = self._flops(preset, batch, context) / self.flops_per_s
+        return preset.layers * (self.layer_overhead_s + compute)
+
+    def fetch_s(self, nbytes: int) -> float:
+        return self.storage_latency_s + nbytes / self.storage_bytes_per_s if nbytes else 0.0
+
+
+def simulate(w: Workload, rate: float, serve: Callable[[int, int], float],
+             decode_step_s: Callable[[int], float],
+             on_request: Callable[[], None] | None = None) -> list[dict]:
+    """Run the workload in simulated time; ``serve(client, round)`` does the real
+    work and returns its service time in seconds.
+
+    One server prefills requests in arrival order. An answer's first token
+    comes at the end of its prefill, then a token per decode step of
+    ``decode_step_s(b)`` seconds, ``b`` being the requests decoding when its
+    decode starts; only when the answer is done is the client's next round ready.
+    """
+    if not rate > 0:
         raise ValueError(f"request_rate: expected a positive rate, got {rate}")
     if w.ready_policy not in ("random", "fifo"):
         raise ValueError(f"ready_policy: expected random or fifo, got {w.ready_policy!r}")
+    if w.distribution not in ("poisson", "uniform"):
+        raise ValueError(f"distribution: expected poisson or uniform, got {w.distribution!r}")
     gaps = random.Random(w.seed)
     picks = random.Random(w.seed + 1)
     limit = w.max_parallel or w.clients
+
+    def gap() -> float:
+        if math.isinf(rate):
+            return 0.0
+        if w.distribution == "poisson":
+            return gaps.expovariate(rate)
+        return gaps.uniform(0.0, 2.0 / rate)
+
     ready = [(c, 0) for c in range(w.clients)]
     done_heap: list[tuple[float, int, int, int]] = []
     t = server_free = 0.0
@@ -203,30 +288,57 @@ def simulate(w: Workload, rate: float, serve: Callable[[int, int], float], decod
         start = max(t, server_free)
         service = serve(c, r)
         server_free = start + service
-        done = server_free + decode_s
+        batch = 1 + sum(1 for d in done_heap if d[0] > server_free)
+        itl = decode_step_s(batch) if w.output_length > 1 else 0.0
+        done = server_free + (w.output_length - 1) * itl
         heapq.heappush(done_heap, (done, len(records), c, r))
         in_flight += 1
         records.append(dict(client=c, round=r, arrival=t, start=start, service=service,
-                            ttft=server_free - t, done=done))
+                            ttft=server_free - t, itl=itl, batch=batch, done=done,
+                            latency=done - t))
         if on_request is not None:
             on_request()
-        t += gaps.expovariate(rate)
+        t += gap()
     return records
 
 
-def summarize(records: list[dict], counts: dict) -> dict:
-    """Hit rates, prefill tokens computed and avoided, TTFT percentiles, throughput."""
-    ttft_ms = [r["ttft"] * 1e3 for r in records]
-    makespan = max(r["done"] for r in records) if records else float("nan")
+def _stats(prefix: str, values_ms: list[float]) -> dict:
+    mean = sum(values_ms) / len(values_ms) if values_ms else float("nan")
+    return {f"mean_{prefix}_ms": mean, f"median_{prefix}_ms": percentile(values_ms, 50),
+            f"p90_{prefix}_ms": percentile(values_ms, 90), f"p99_{prefix}_ms": percentile(values_ms, 99)}
+
+
+def summarize(records: list[dict], counts: dict, w: Workload) -> dict:
+    """SGLang bench_serving's figures (same key names) and the cache's: hit rates
+    per tier, prefill tokens computed and avoided."""
+    duration = max(r["done"] for r in records) if records else float("nan")
     history = counts["history_tokens"]
     device, host, storage = (counts["device_hit_tokens"], counts["host_hit_tokens"],
                              counts["storage_hit_tokens"])
+    n_in, n_out = counts["input_tokens"], len(records) * w.output_length
 
     def rate(tokens):
         return 100.0 * tokens / history if history else 0.0
 
-    return dict(
-        requests=len(records),
+    def per_s(x):
+        return x / duration if duration else float("nan")
+
+    itl_ms = [r["itl"] * 1e3 for r in records if w.output_length > 1]
+    failures = counts["checks"] - counts["checks_ok"]
+    out = dict(
+        completed=len(records) - failures,
+        failed=failures,
+        duration=duration,
+        total_input_tokens=n_in,
+        total_output_tokens=n_out,
+        request_throughput=per_s(len(records)),
+        input_throughput=per_s(n_in),
+        output_throughput=per_s(n_out),
+        total_throughput=per_s(n_in + n_out),
+        concurrency=per_s(sum(r["latency"] for r in records)),
+        **_stats("ttft", [r["ttft"] * 1e3 for r in records]),
+        **_stats("itl", itl_ms),
+        **_stats("e2e_latency", [r["latency"] * 1e3 for r in records]),
         history_tokens=history,
         device_hit_tokens=device,
         host_hit_tokens=host,
@@ -234,43 +346,46 @@ def summarize(records: list[dict], counts: dict) -> dict:
         device_hit_rate_pct=rate(device),
         host_hit_rate_pct=rate(host),
         storage_hit_rate_pct=rate(storage),
+        cache_hit_rate_pct=rate(device + host + storage),
         prefill_tokens_computed=counts["computed_tokens"],
         prefill_tokens_avoided=device + host + storage,
         host_tokens_loaded=host + storage,
         storage_tokens_fetched=storage,
         storage_wait_ms=counts["storage_wait_s"] * 1e3,
-        ttft_p50_ms=percentile(ttft_ms, 50),
-        ttft_p90_ms=percentile(ttft_ms, 90),
-        ttft_mean_ms=sum(ttft_ms) / len(ttft_ms) if ttft_ms else float("nan"),
         service_median_ms=median([r["service"] * 1e3 for r in records]),
-        makespan_s=makespan,
-        throughput_rps=len(records) / makespan if makespan else float("nan"),
-        input_tokens_per_s=counts["input_tokens"] / makespan if makespan else float("nan"),
         loads_verified=f"{counts['checks_ok']}/{counts['checks']}" if counts["checks"] else "off",
-        verify_failures=counts["checks"] - counts["checks_ok"],
+        verify_failures=failures,
     )
+    return out
 
 
 # -- the engine ----------------------------------------------------------------------
 
-def token_ids(client: int, length: int) -> list[int]:
+def token_ids(client: int, length: int, shared: int = 0) -> list[int]:
     """The synthetic prompt of ``client``: token ids as a function of (client, position),
-    like the KV content, so equal page keys always mean equal KV."""
-    return [(client * 1_000_003 + pos * 7919) % 2**32 for pos in range(length)]
+    the first ``shared`` positions the same for every client, like the KV content,
+    so equal page keys always mean equal KV."""
+    return [((SHARED_CLIENT if pos < shared else client) * 1_000_003 + pos * 7919) % 2**32
+            for pos in range(length)]
 
 
 class Engine:
-    """Serves one request on the device: match, acquire, prefill, release."""
+    """Serves one request on the device: match, acquire, prefill, release.
+
+    ``cost``: a :class:`CostModel` gives the service time (None: measured on
+    the device's clock)."""
 
     def __init__(self, w: Workload, cache, forward: StandInForward, clock: Clock, *,
-                 page_size: int, verify: bool, seed: int):
+                 page_size: int, verify: bool, seed: int, cost: CostModel | None = None):
         self.w, self.cache, self.fwd, self.clock = w, cache, forward, clock
         self.P = page_size
         self.verify = verify
+        self.cost = cost
         self.rng = torch.Generator().manual_seed(seed)
         self.counts = dict(history_tokens=0, device_hit_tokens=0, host_hit_tokens=0,
                            storage_hit_tokens=0, storage_wait_s=0.0, computed_tokens=0,
                            input_tokens=0, checks=0, checks_ok=0)
+        self.wall = dict(storage_wait_s=0.0)
         self._keys: dict[int, list[str]] = {}
 
     def page_ids(self, client: int, pages: int) -> list[str]:
@@ -280,7 +395,7 @@ class Engine:
         if keys is None:
             P = self.P
             longest = -(-self.w.longest // P) * P
-            keys = self._keys[client] = page_keys(token_ids(client, longest), P)
+            keys = self._keys[client] = page_keys(token_ids(client, longest, self.w.shared_prefix), P)
         return keys[:pages]
 
     def serve(self, client: int, round_: int) -> float:
@@ -303,8 +418,14 @@ class Engine:
             for layer in range(self.fwd.preset.layers):   # the answer's KV, written by decoding
                 self.fwd.write_kv(client, slots, prompt, total, layer)
             end.synchronize()
-            # waiting for storage held this (one-at-a-time) server: it counts as service
-            service_s = start.elapsed_time(end) / 1e3 + match.wait_s
+            if self.cost is None:
+                # waiting for storage held this (one-at-a-time) server: it counts as service
+                wait_s = match.wait_s
+                service_s = start.elapsed_time(end) / 1e3 + wait_s
+            else:
+                g = self.fwd.preset
+                wait_s = self.cost.fetch_s(match.storage * P * g.token_layer_bytes * g.layers)
+                service_s = wait_s + self.cost.prefill_s(g, prompt - reused, prompt, on_host * P)
             if self.verify and reused:
                 self._check(client, slots, on_device * P, reused)
             self.cache.release(page_ids, keep=total // P)
@@ -313,9 +434,10 @@ class Engine:
         c["device_hit_tokens"] += on_device * P
         c["host_hit_tokens"] += (on_host - match.storage) * P
         c["storage_hit_tokens"] += match.storage * P
-        c["storage_wait_s"] += match.wait_s
+        c["storage_wait_s"] += wait_s
         c["computed_tokens"] += prompt - reused
         c["input_tokens"] += prompt
+        self.wall["storage_wait_s"] += match.wait_s
         return service_s
 
     def _check(self, client: int, slots: torch.Tensor, device_end: int, reused: int) -> None:
@@ -335,10 +457,16 @@ class Engine:
 
 @dataclass
 class E2EConfig:
-    """Everything an e2e run needs; the CLI builds it from flags."""
+    """Everything an e2e run needs; the CLI builds it from flags.
+
+    ``concurrency``: the levels to run (each sets ``workload.max_parallel``);
+    empty: one level at ``workload.max_parallel``. ``modeled``: service times
+    from ``cost`` instead of the device clock (what runs without a GPU do).
+    """
 
     preset: ModelPreset
     workload: Workload = field(default_factory=Workload)
+    concurrency: tuple[int, ...] = ()
     page_size: int = 64
     device_fraction: float = 0.3     # device pool / all final histories together
     device_tokens: int | None = None
@@ -352,7 +480,16 @@ class E2EConfig:
     prefetch_policy: str = "wait_complete"
     kv_events: str | None = None     # a ZMQ endpoint: the tier's KV events, as SGLang publishes them
     verify: bool = True
+    modeled: bool = False
+    cost: CostModel = field(default_factory=CostModel)
+    compute_rows: int | None = None  # cap on the rows the stand-in GEMMs and attention compute
     notes: list[str] = field(default_factory=list)
+
+    def levels(self) -> tuple[int | None, ...]:
+        return tuple(self.concurrency) or (self.workload.max_parallel,)
+
+    def run_names(self) -> tuple[str, ...]:
+        return (WITHOUT, WITH) + ((WITH_STORAGE,) if self.storage != "none" else ())
 
 
 def pool_tokens(cfg: E2EConfig) -> int:
@@ -367,8 +504,7 @@ def pool_tokens(cfg: E2EConfig) -> int:
         return tokens
     if not 0 < cfg.device_fraction <= 1:
         raise ValueError(f"--device-fraction: expected a fraction in (0, 1], got {cfg.device_fraction}")
-    all_histories = w.clients * w.longest
-    return max(need, int(cfg.device_fraction * all_histories) // P * P)
+    return max(need, int(cfg.device_fraction * w.distinct_tokens) // P * P)
 
 
 def _device_pool(preset: ModelPreset, tokens: int, page_size: int, device) -> KVBuffer:
@@ -379,11 +515,45 @@ def _device_pool(preset: ModelPreset, tokens: int, page_size: int, device) -> KV
     return KVBuffer.from_layers(k, v, page_size=page_size)
 
 
+def _split_counters(counters: dict) -> tuple[dict, dict]:
+    """(counts, wall-clock figures): seconds measured by the storage tier vary run to run."""
+    wall = {k: v for k, v in counters.items() if k.endswith("_s") or "seconds" in k}
+    return {k: v for k, v in counters.items() if k not in wall}, wall
+
+
+def _ratio(base: dict, tier: dict) -> dict:
+    keys = ("median_ttft_ms", "p90_ttft_ms", "mean_ttft_ms", "median_e2e_latency_ms",
+            "request_throughput", "input_throughput", "output_throughput", "prefill_tokens_computed")
+    return {k: tier[k] / base[k] for k in keys
+            if isinstance(base.get(k), (int, float)) and base[k] and not math.isnan(base[k])}
+
+
+def verdict(ratio: dict) -> tuple[bool, str]:
+    """(worse, one line) for a with/without ratio: worse when the median TTFT is
+    more than 5% higher or the throughput more than 5% lower."""
+    ttft, thr = ratio.get("median_ttft_ms"), ratio.get("request_throughput")
+    if ttft is None or thr is None:
+        return False, "no comparison (a run has no requests)"
+    worse = ttft > 1.05 or thr < 0.95
+    better = ttft < 0.95 or thr > 1.05
+    text = f"median TTFT x{ttft:.2f}, request throughput x{thr:.2f}"
+    return worse, text + ("" if worse else ": better" if better else ": about the same")
+
+
 def run(cfg: E2EConfig, clock: Clock, *, progress=None, tier_factory=None) -> dict:
-    """Both runs (without, then with the host tier) and their ratio, as one document.
+    """Every level and run (without, with the host tier, with storage) as one
+    document; a Ctrl-C stops it and returns what finished, with ``interrupted``.
 
     ``tier_factory(device_pool)`` builds the tier's cache (default: :class:`HiCacheTier`).
+    On a CPU torch runs on one thread (small ops on busy cores are many times
+    slower with more).
     """
+    with pinned_threads(None if clock.gpu else 1):
+        return _run(cfg, clock, progress=progress, tier_factory=tier_factory)
+
+
+def _run(cfg: E2EConfig, clock: Clock, *, progress, tier_factory) -> dict:
+    started = time.perf_counter()
     w = cfg.workload
     preset = cfg.preset
     if cfg.page_size < 1:
@@ -391,54 +561,85 @@ def run(cfg: E2EConfig, clock: Clock, *, progress=None, tier_factory=None) -> di
     tokens = pool_tokens(cfg)
     pool = _device_pool(preset, tokens, cfg.page_size, clock.device)
     compute = torch.bfloat16 if clock.gpu else torch.float32
-    fwd = StandInForward(preset, pool, max_tokens=w.longest, compute_dtype=compute, seed=w.seed)
-
-    # one decode step, and the full-recompute capacity that sets the default rate
-    mid = w.history(w.rounds // 2) + w.request_length
-    slots = torch.arange(mid, device=clock.device)
-    decode_ms = median(clock.time_ms(lambda: fwd.decode_step(mid), warmup=1, reps=3))
-    full_ms = median(clock.time_ms(
-        lambda: fwd.prefill(client=0, slots=slots, first=0, end=mid), warmup=1, reps=3))
-    rate = w.request_rate if w.request_rate else 0.7e3 / full_ms
-    decode_s = w.output_length * decode_ms / 1e3
-
-    runs, notes, tiers = {}, list(cfg.notes), {}
-    why_not = None if tier_factory is not None else HiCacheTier.unavailable()
-    plans = [("without HiCache", lambda: DeviceCache(pool))]
-    storage = storage_config(cfg, clock)
-    if why_not is None:
-        observe = {}
-        if cfg.kv_events is not None:
-            from ..observers import KVEventPublisher
-            observe["observers"] = [KVEventPublisher(cfg.kv_events, topic="kv-events")]
-        factory = tier_factory or (lambda p: HiCacheTier(
-            p, host_ratio=cfg.host_ratio, host_layout=cfg.host_layout,
-            write_policy=cfg.write_policy, backend=cfg.backend, sm_budget=cfg.sm_budget,
-            storage=storage, **observe))
-        plans.append(("with HiCache", lambda: factory(pool)))
+    fwd = StandInForward(preset, pool, max_tokens=w.longest, compute_dtype=compute, seed=w.seed,
+                         shared_prefix=w.shared_prefix, max_rows=cfg.compute_rows)
+    mid = min(w.history(w.rounds // 2) + w.request_length, w.longest)
+    levels = cfg.levels()
+    widest = max([lv or w.clients for lv in levels])
+    cost = cfg.cost if cfg.modeled else None
+    if cost is not None:
+        decode_1 = cost.decode_step_s(preset, 1, mid)
+        decode_n = cost.decode_step_s(preset, widest, mid)
+        full_s = cost.prefill_s(preset, mid, mid, 0)
     else:
+        # one decode step alone and with every request of the widest level, and a
+        # full recompute (which sets the default rate)
+        slots = torch.arange(mid, device=clock.device)
+        decode_1 = median(clock.time_ms(lambda: fwd.decode_step(mid), warmup=1, reps=3)) / 1e3
+        decode_n = median(clock.time_ms(lambda: fwd.decode_step(mid, batch=widest),
+                                        warmup=1, reps=3)) / 1e3
+        full_s = median(clock.time_ms(
+            lambda: fwd.prefill(client=0, slots=slots, first=0, end=mid), warmup=1, reps=3)) / 1e3
+
+    def decode_step_s(batch: int) -> float:
+        if widest <= 1:
+            return decode_1
+        return decode_1 + (decode_n - decode_1) * (min(batch, widest) - 1) / (widest - 1)
+
+    notes, tiers = list(cfg.notes), {}
+    why_not = None if tier_factory is not None else HiCacheTier.unavailable()
+    if why_not is not None:
         notes.append(f"with HiCache: not run: {why_not}")
+    names = [n for n in cfg.run_names() if n == WITHOUT or why_not is None]
+    out_levels, wall_levels = [], []
+    interrupted = False
     try:
-        for name, make in plans:
-            cache = make()
-            tiers[name] = cache.describe()
-            engine = Engine(w, cache, fwd, clock, page_size=cfg.page_size, verify=cfg.verify,
-                            seed=w.seed)
-            task = progress.add_task(f"e2e {name}", total=w.requests) if progress is not None else None
-            tick = (lambda: progress.advance(task)) if progress is not None else None
-            try:
-                with nvtx_range(f"bench.e2e.run {name}"):
-                    records = simulate(w, rate, engine.serve, decode_s, on_request=tick)
-                clock.sync()
-                runs[name] = dict(summarize(records, engine.counts), cache=cache.counters())
-            finally:
-                cache.close()
-    finally:
-        if storage is not None and cfg.storage_dir is None:
-            shutil.rmtree(storage["directory"], ignore_errors=True)
-    doc = dict(
+        for level in levels:
+            lw = replace(w, max_parallel=level)
+            rate = w.request_rate if w.request_rate else (
+                math.inf if cfg.concurrency else 0.7 / full_s)
+            entry = dict(concurrency=level or w.clients, request_rate=rate, runs={}, complete=False)
+            wall_entry = dict(concurrency=level or w.clients, runs={})
+            out_levels.append(entry)
+            wall_levels.append(wall_entry)
+            for name in names:
+                cache, storage = _make_cache(name, cfg, clock, pool, level, tier_factory)
+                try:
+                    text = cache.describe()
+                    if storage is not None and cfg.storage_dir is None:   # a new one each run
+                        text = text.replace(storage["directory"], "a temporary directory")
+                    tiers[name] = text
+                    engine = Engine(lw, cache, fwd, clock, page_size=cfg.page_size,
+                                    verify=cfg.verify, seed=w.seed, cost=cost)
+                    task = (progress.add_task(f"e2e c={entry['concurrency']} {name}", total=w.requests)
+                            if progress is not None else None)
+                    tick = (lambda: progress.advance(task)) if progress is not None else None
+                    t0 = time.perf_counter()
+                    with nvtx_range(f"bench.e2e.run {name} concurrency={entry['concurrency']}"):
+                        records = simulate(lw, rate, engine.serve, decode_step_s, on_request=tick)
+                    clock.sync()
+                    counts, wall = _split_counters(cache.counters())
+                    entry["runs"][name] = dict(summarize(records, engine.counts, lw), cache=counts)
+                    wall_entry["runs"][name] = dict(wall, wall_s=time.perf_counter() - t0,
+                                                    storage_wait_s=engine.wall["storage_wait_s"])
+                finally:
+                    cache.close()
+                    if storage is not None and cfg.storage_dir is None:
+                        shutil.rmtree(storage["directory"], ignore_errors=True)
+            runs = entry["runs"]
+            for name in names[1:]:
+                entry.setdefault("ratio", {})[name] = _ratio(runs[WITHOUT], runs[name])
+                worse, text = verdict(entry["ratio"][name])
+                entry.setdefault("verdict", {})[name] = dict(worse=worse, text=text)
+            entry["complete"] = True
+    except KeyboardInterrupt:
+        interrupted = True
+        notes.append("interrupted (Ctrl-C): only the runs that finished are reported")
+    return dict(
         benchmark="e2e",
         cpu_only=not clock.gpu,
+        time="modeled" if cost is not None else "measured",
+        interrupted=interrupted,
         machine=machine_info(clock),
         model=dict(name=preset.name, layers=preset.layers, kv_heads_per_rank=preset.kv_heads_per_rank,
                    head_dim=preset.head_dim, mla=preset.mla, tp=preset.tp,
@@ -446,54 +647,99 @@ def run(cfg: E2EConfig, clock: Clock, *, progress=None, tier_factory=None) -> di
                    gemms_per_layer=[list(s) for s in preset.gemm_shapes()],
                    compute_dtype=str(compute).removeprefix("torch."), source=preset.source),
         workload=dict(clients=w.clients, rounds=w.rounds, request_length=w.request_length,
-                      output_length=w.output_length, request_rate=rate,
-                      request_rate_auto=not w.request_rate, max_parallel=w.max_parallel or w.clients,
-                      ready_policy=w.ready_policy, seed=w.seed),
+                      output_length=w.output_length, shared_prefix=w.shared_prefix,
+                      user_history=w.user_history, request_rate=w.request_rate,
+                      distribution=w.distribution, ready_policy=w.ready_policy, seed=w.seed,
+                      concurrency=[lv or w.clients for lv in levels], requests=w.requests),
         pools=dict(page_size=cfg.page_size, device_tokens=tokens,
-                   all_histories_tokens=w.clients * w.longest, host_ratio=cfg.host_ratio,
+                   all_histories_tokens=w.distinct_tokens, host_ratio=cfg.host_ratio,
                    host_layout=cfg.host_layout, write_policy=cfg.write_policy,
                    backend=cfg.backend, sm_budget=cfg.sm_budget, storage=cfg.storage,
-                   storage_dir=cfg.storage_dir if storage is not None else None,
-                   prefetch_policy=cfg.prefetch_policy if storage is not None else None),
-        timing=dict(decode_step_ms=decode_ms, full_recompute_ms=full_ms, full_recompute_tokens=mid),
+                   storage_dir=cfg.storage_dir if cfg.storage != "none" else None,
+                   prefetch_policy=cfg.prefetch_policy if cfg.storage != "none" else None),
+        timing=dict(decode_step_ms=decode_1 * 1e3, decode_step_widest_ms=decode_n * 1e3,
+                    decode_batch_widest=widest, full_recompute_ms=full_s * 1e3,
+                    full_recompute_tokens=mid,
+                    cost_model=asdict(cost) if cost is not None else None),
         caches=tiers,
         notes=notes,
-        runs=runs,
+        levels=out_levels,
+        wall=dict(seconds=time.perf_counter() - started, levels=wall_levels),
     )
-    if len(runs) == 2:
-        base, tier = runs["without HiCache"], runs["with HiCache"]
-        doc["ratio"] = {k: tier[k] / base[k] for k in
-                        ("ttft_p50_ms", "ttft_p90_ms", "throughput_rps", "input_tokens_per_s",
-                         "prefill_tokens_computed")
-                        if isinstance(base.get(k), (int, float)) and base[k]}
-    return doc
 
 
-def storage_config(cfg: E2EConfig, clock: Clock) -> dict | None:
+def _make_cache(name: str, cfg: E2EConfig, clock: Clock, pool: KVBuffer, level, tier_factory):
+    """The cache of one run, and its storage configuration (or None)."""
+    if name == WITHOUT:
+        return DeviceCache(pool), None
+    storage = storage_config(cfg, clock, level) if name == WITH_STORAGE else None
+    if tier_factory is not None:
+        return tier_factory(pool), storage
+    observe = {}
+    if cfg.kv_events is not None:
+        from ..observers import KVEventPublisher
+        observe["observers"] = [KVEventPublisher(cfg.kv_events, topic="kv-events")]
+    return HiCacheTier(pool, host_ratio=cfg.host_ratio, host_layout=cfg.host_layout,
+                       write_policy=cfg.write_policy, backend=cfg.backend, sm_budget=cfg.sm_budget,
+                       storage=storage, settle=cfg.modeled, **observe), storage
+
+
+def storage_config(cfg: E2EConfig, clock: Clock, level: int | None = None) -> dict | None:
     """The storage tier's configuration for ``cfg.storage`` (None: no storage tier).
 
     Without ``storage_dir`` the pages go to a fresh temporary directory (removed
     after the run). The namespace names what fixes the KV content besides the
-    page keys and the layout (preset, seed, device), so a kept directory is
-    found again by the same run and never serves another run's bytes."""
+    page keys and the layout (preset, seed, device, shared prefix) and the
+    concurrency level, so a kept directory is found again by the same run and
+    never serves another run's bytes."""
     if cfg.storage == "none":
         return None
     if cfg.storage != "nixl":
         raise ValueError(f"--storage: expected none or nixl, got {cfg.storage!r}")
-    content = repr((cfg.preset, cfg.workload.seed, clock.device.type)).encode()
+    w = cfg.workload
+    content = repr((cfg.preset, w.seed, clock.device.type, w.shared_prefix, level)).encode()
     directory = cfg.storage_dir or tempfile.mkdtemp(prefix="hicache-bench-storage-")
     return dict(directory=directory, namespace="e2e-" + hashlib.sha256(content).hexdigest()[:16],
                 prefetch_policy=cfg.prefetch_policy)
 
 
 def quick_config(preset: ModelPreset, gpu: bool) -> E2EConfig:
-    """A short run: seconds on a GPU; on a CPU, the tiny stand-in model."""
+    """A short run: seconds on a GPU; on a CPU, the tiny stand-in model in modeled time."""
     if gpu:
         return E2EConfig(preset=preset, workload=Workload(clients=16, rounds=4,
                                                           request_length=512, output_length=64),
                          page_size=64)
+    return cpu_config(preset, Workload(clients=6, rounds=3, request_length=48, output_length=16),
+                      page_size=16)
+
+
+def cpu_config(preset: ModelPreset, workload: Workload, page_size: int) -> E2EConfig:
+    """The CPU version of a run: the tiny stand-in model, service times modeled."""
     notes = [] if preset is TINY else [f"CPU: the {preset.name} forward pass replaced by the tiny "
                                        "stand-in (layers, heads and GEMMs cut down)"]
-    return E2EConfig(preset=TINY, workload=Workload(clients=6, rounds=3, request_length=48,
-                                                    output_length=16),
-                     page_size=16, notes=notes)
+    notes.append("CPU: times come from a fixed cost model (deterministic), not a clock; the "
+                 "device work still runs and its bytes are checked")
+    return E2EConfig(preset=TINY, workload=workload, page_size=page_size, modeled=True,
+                     compute_rows=32, notes=notes)
+
+
+def estimate_seconds(cfg: E2EConfig, gpu: bool) -> list[tuple[str, int, float]]:
+    """Rough wall time of each (level, run): ``(label, requests, seconds)``."""
+    w = cfg.workload
+    g = cfg.preset
+    # seconds per request and per token-layer of real work (measured on a busy
+    # 2-core machine and a GPU's bf16 rate), and what the tiers add
+    fixed, per_token_layer = (0.005, 0.0) if gpu else (0.02, 5e-6)
+    extra = {WITHOUT: 1.0, WITH: 1.5, WITH_STORAGE: 2.5}
+    out = []
+    for level in cfg.levels():
+        for name in cfg.run_names():
+            per = 0.0
+            for r in range(w.rounds):
+                prompt = w.history(r) + w.request_length
+                per += fixed + prompt * g.layers * per_token_layer
+                if gpu:
+                    per += 2.0 * prompt * g.layers * sum(i * o for i, o in g.gemm_shapes()) / 2e14
+            out.append((f"concurrency {level or w.clients}, {name}", w.requests,
+                        per * w.clients * extra[name]))
+    return out

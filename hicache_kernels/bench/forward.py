@@ -8,7 +8,9 @@ back from the pool. So a layer-wise load overlaps real compute, and attention
 really reads what was loaded.
 
 KV content is a function of (client, position, layer, plane), so any page
-found in the wrong place, or overwritten, shows up in :meth:`check`.
+found in the wrong place, or overwritten, shows up in :meth:`check`; the first
+``shared_prefix`` positions hold the same content for every client (a shared
+system prompt).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .presets import ModelPreset
 __all__ = ["StandInForward"]
 
 _ROWS = 8191  # rows of random KV content; a prime, so (client, position, layer) spread over it
+_SHARED = 999_983  # the "client" whose content the shared prefix holds
 
 
 class StandInForward:
@@ -34,6 +37,10 @@ class StandInForward:
         max_tokens: longest sequence a request may have.
         compute_dtype: GEMM dtype (bf16 on a GPU, fp32 on a CPU).
         seed: for the weights and the KV content.
+        shared_prefix: positions whose KV is the same for every client.
+        max_rows: at most this many rows go through the GEMMs and attend (None:
+            all); for runs whose time is modeled, where the compute only has to
+            read what was loaded, not take the time it would.
 
     Example:
         >>> fwd = StandInForward(TINY, pool, max_tokens=256, compute_dtype=torch.float32)
@@ -41,8 +48,10 @@ class StandInForward:
     """
 
     def __init__(self, preset: ModelPreset, pool: KVBuffer, *, max_tokens: int,
-                 compute_dtype: torch.dtype, seed: int = 0):
+                 compute_dtype: torch.dtype, seed: int = 0, shared_prefix: int = 0,
+                 max_rows: int | None = None):
         self.preset, self.pool = preset, pool
+        self.shared_prefix, self.max_rows = shared_prefix, max_rows
         dev = pool.device
         gen = torch.Generator(device=dev).manual_seed(seed)
         shapes = preset.gemm_shapes()
@@ -63,7 +72,8 @@ class StandInForward:
 
     # -- KV content ------------------------------------------------------------------
     def _rows(self, client: int, positions: torch.Tensor, layer: int, plane: int) -> torch.Tensor:
-        return (client * 1_000_003 + positions * 7919 + layer * 131 + plane * 17) % _ROWS
+        owner = torch.where(positions < self.shared_prefix, _SHARED, client)
+        return (owner * 1_000_003 + positions * 7919 + layer * 131 + plane * 17) % _ROWS
 
     def write_kv(self, client: int, slots: torch.Tensor, first: int, end: int, layer: int) -> None:
         """Write the KV of positions ``[first, end)`` of ``client`` at ``slots[first:end]``."""
@@ -96,20 +106,24 @@ class StandInForward:
         if n <= 0:
             raise ValueError(f"first, end: expected first < end, got {first}, {end}")
         ctx = slots[:end]
+        rows = n if self.max_rows is None else min(n, self.max_rows)
         for layer in range(self.preset.layers):
             with nvtx_range(f"bench.e2e.layer L{layer} n={n}"):
                 if handle is not None:
                     handle.wait(layer)
-                self._gemms(n)
+                self._gemms(rows)
                 self.write_kv(client, slots, first, end, layer)
-                self._attention(n, ctx, layer)
+                self._attention(rows, ctx, layer)
 
-    def decode_step(self, context: int) -> None:
-        """One token's forward over ``context`` cached tokens (KV writes aside)."""
+    def decode_step(self, context: int, batch: int = 1) -> None:
+        """One decode step of ``batch`` requests over ``context`` cached tokens each
+        (KV writes aside); attention reads one context ``batch`` times."""
         ctx = torch.arange(context, device=self.act.device) % self.pool.layout.num_slots
+        rows = min(batch, self.act.shape[0])
         for layer in range(self.preset.layers):
-            self._gemms(1)
-            self._attention(1, ctx, layer)
+            self._gemms(rows)
+            for _ in range(-(-batch // rows)):
+                self._attention(rows, ctx, layer)
 
     def _gemms(self, n: int) -> None:
         for w in self.weights:

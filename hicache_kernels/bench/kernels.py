@@ -12,7 +12,9 @@ Each case is checked by bytes (a sample of its items, destinations poisoned
 first), then timed with CUDA events: the median of ``reps`` runs after
 ``warmup``. Its ceiling is a contiguous copy of the same bytes in the same
 direction (``both``: the two contiguous copies at once). On a machine without a
-GPU every number is a CPU number and says so.
+GPU every number is a CPU number and says so; there torch runs on one thread
+while anything is timed, cases and ceilings alike, so busy cores cannot make
+one look faster than the other.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from ..layouts import LayoutKind
 from ..nvtx_ranges import nvtx_range
 from . import movers
 from .presets import PRESETS, ModelPreset
-from .timing import Clock, machine_info, median
+from .timing import Clock, machine_info, median, pinned_threads
 
-__all__ = ["Case", "KernelConfig", "run", "sweep", "issue3_suite", "overlap_medians"]
+__all__ = ["Case", "KernelConfig", "run", "sweep", "targets_suite", "overlap_medians",
+           "estimate_seconds"]
 
 OPS = ("load", "backup", "both")
 KERNEL_BACKENDS = ("cuda", "cuda_bulk", "triton")   # the ones an SM budget applies to
@@ -106,7 +109,9 @@ def sweep(cfg: KernelConfig, *, gpu: bool = False) -> list[Case]:
     cases = []
     for layout in cfg.layouts:
         if cfg.preset.mla and layout == LayoutKind.PAGE_HEAD.value:
-            cfg.notes.append("page_head skipped: it is defined for MHA only (SGLang has no MLA page_head)")
+            note = "page_head skipped: it is defined for MHA only (SGLang has no MLA page_head)"
+            if note not in cfg.notes:
+                cfg.notes.append(note)
             continue
         for page in cfg.page_sizes:
             for op in cfg.ops:
@@ -124,12 +129,12 @@ def sweep(cfg: KernelConfig, *, gpu: bool = False) -> list[Case]:
     return cases
 
 
-def issue3_suite() -> tuple[KernelConfig, list[Case]]:
-    """Issue 3's targets, one case each (Llama-3.1-8B geometry, host layer_first).
+def targets_suite() -> tuple[KernelConfig, list[Case]]:
+    """The CUDA kernels' targets, one case each (Llama-3.1-8B geometry, host layer_first).
 
     Every backend is listed, available or not, so a missing one shows as a gap.
     """
-    cfg = KernelConfig(preset=PRESETS["llama-3.1-8b"], suite="issue3", tokens=8192,
+    cfg = KernelConfig(preset=PRESETS["llama-3.1-8b"], suite="targets", tokens=8192,
                        page_sizes=(1, 64), layouts=("layer_first",))
     lf = "layer_first"
     cases = []
@@ -187,8 +192,9 @@ class KernelBench:
             each = nbytes // 2 if direction == "both" else nbytes
             mover = movers.contiguous(self.clock, direction, each, streams=self.side)
             with nvtx_range(f"bench.ceiling {direction} {_size(each)}"):
-                ms = median(self.clock.time_ms(mover.fn, warmup=max(1, self.cfg.warmup),
-                                               reps=max(20, self.cfg.reps)))  # cheap: be robust
+                # cheap next to the cases: more warm-up and runs, so it is never the noisy one
+                ms = median(self.clock.time_ms(mover.fn, warmup=max(3, self.cfg.warmup),
+                                               reps=max(20, self.cfg.reps)))
             self._ceilings[key] = dict(
                 kind="ceiling", op=direction, backend="contiguous", layout="-", page_size=None,
                 tokens=None, blocks=mover.blocks, bytes=mover.nbytes, ms=ms,
@@ -365,21 +371,33 @@ def overlap_medians(gemm_spans: list[tuple[float, float]],
 
 def run(cfg: KernelConfig, clock: Clock, cases: list[Case] | None = None, *,
         progress=None) -> dict:
-    """Run ``cases`` (default: the sweep of ``cfg``); return the result document."""
+    """Run ``cases`` (default: the sweep of ``cfg``); return the result document.
+
+    A Ctrl-C stops the run between (or inside) cases; the document then holds
+    the cases that finished and ``interrupted: True``."""
     cases = sweep(cfg, gpu=clock.gpu) if cases is None else cases
-    bench = KernelBench(cfg, clock, cases)
     rows = []
-    task = progress.add_task("kernels", total=len(cases)) if progress is not None else None
-    for case in cases:
-        if progress is not None:
-            progress.update(task, description=case.id)
-        rows.append(bench.run(case))
-        if progress is not None:
-            progress.advance(task)
+    interrupted = False
+    started = time.perf_counter()
+    # on a CPU, one torch thread for every timed copy (see the module docstring)
+    with pinned_threads(1 if not clock.gpu else None):
+        bench = KernelBench(cfg, clock, cases)
+        task = progress.add_task("kernels", total=len(cases)) if progress is not None else None
+        try:
+            for case in cases:
+                if progress is not None:
+                    progress.update(task, description=case.id)
+                rows.append(bench.run(case))
+                if progress is not None:
+                    progress.advance(task)
+        except KeyboardInterrupt:
+            interrupted = True
     g = cfg.preset
     return dict(
         benchmark="kernels",
         cpu_only=not clock.gpu,
+        interrupted=interrupted,
+        cases_planned=len(cases),
         units="GB/s = 1e9 bytes/s; each byte counted once",
         machine=machine_info(clock),
         geometry=dict(preset=g.name, layers=g.layers, kv_heads_per_rank=g.kv_heads_per_rank,
@@ -397,6 +415,7 @@ def run(cfg: KernelConfig, clock: Clock, cases: list[Case] | None = None, *,
         notes=list(cfg.notes),
         rows=rows,
         ceilings=bench.ceilings(),
+        wall=dict(seconds=time.perf_counter() - started),
     )
 
 
@@ -411,3 +430,31 @@ def quick_config(preset: ModelPreset, gpu: bool) -> KernelConfig:
     return KernelConfig(preset=small, tokens=256, page_sizes=(1, 64),
                         layouts=("layer_first", "page_first"), ops=("load", "backup", "both"),
                         gemm_size=128, warmup=1, reps=3, notes=notes)
+
+
+# Rough speeds for --list-cases (no work is done to list): bytes per second of
+# our backends and of the ceilings, and the cost of one Python-issued copy.
+_EST = {True: dict(ours=20e9, index=6e9, copy_s=6e-6, case_s=0.05),
+        False: dict(ours=0.3e9, index=1.0e9, copy_s=4e-6, case_s=0.15)}
+
+
+def estimate_seconds(cfg: KernelConfig, cases: list[Case], gpu: bool) -> list[float]:
+    """A rough wall time for each case (first run, check, warm-up, timed runs)."""
+    est = _EST[gpu]
+    g = cfg.preset
+    out = []
+    for c in cases:
+        layers = 1 if c.op == "load" else g.layers * (2 if c.op == "both" else 1)
+        nbytes = c.tokens * g.token_layer_bytes * layers
+        if c.backend == "per-page":
+            one = c.tokens // c.page_size * g.planes * layers * est["copy_s"]
+        elif c.backend in ("torch-index", "reference"):
+            one = nbytes / est["index"]
+        else:
+            one = nbytes / est["ours"]
+        runs = cfg.warmup + cfg.reps + 1
+        seconds = min(one * runs, CASE_SECONDS + 4 * one)
+        if c.under_load:
+            seconds += 0.5
+        out.append(est["case_s"] + seconds)
+    return out

@@ -11,10 +11,10 @@ is done and drop the rest (``release``); and to collect finished transfers
 NIXL :class:`hicache_kernels.storage.StorageTier` below it); this is the only
 file that knows the manager's API.
 
-Written against the manager's API as drafted for issue 4 (``lookup``, ``pin``,
-``unpin``, ``load`` -> handle with ``wait(layer)``, ``alloc_device``,
-``device_indices``, ``free``, ``hit``, ``poll``, ``stats``, ``close``; with
-storage, ``prefetch`` and ``check_prefetch``). If it changes, change this file only.
+Written against the manager's API (``lookup``, ``pin``, ``unpin``, ``load`` ->
+handle with ``wait(layer)``, ``alloc_device``, ``device_indices``, ``free``,
+``hit``, ``poll``, ``synchronize``, ``stats``, ``close``; with storage,
+``prefetch`` and ``check_prefetch``). If it changes, change this file only.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class HiCacheTier:
         storage: a :class:`~hicache_kernels.storage.StorageConfig` dict for a NIXL
             storage tier below the host pool, or None. Page ids must then be
             page keys (:func:`~hicache_kernels.storage.page_keys`).
+        settle: after each request, wait for every transfer and storage write
+            in flight, so what the tiers hold never depends on timing (runs
+            whose time is modeled).
     """
 
     name = "with HiCache"
@@ -66,12 +69,12 @@ class HiCacheTier:
         try:
             from ..manager import HiCacheManager  # noqa: F401
         except ImportError as exc:
-            return f"the manager (issue 4) is not in this build ({exc})"
+            return f"the manager is not in this build ({exc})"
         return None
 
     def __init__(self, device_pool: KVBuffer, *, host_ratio: float, host_layout: str,
                  write_policy: str, backend: str, sm_budget: int | None,
-                 storage: dict | None = None, **manager_options):
+                 storage: dict | None = None, settle: bool = False, **manager_options):
         from ..manager import HiCacheManager
 
         self.page_size = device_pool.layout.page_size
@@ -84,6 +87,7 @@ class HiCacheTier:
                                   write_policy=write_policy, backend=backend, sm_budget=sm_budget,
                                   storage=self.storage, **manager_options)
         self.acks = 0
+        self.settle = settle
 
     def describe(self) -> str:
         host = self.mgr.host.layout
@@ -171,6 +175,8 @@ class HiCacheTier:
                 # touched last-first, so the head of a history is the most recent and
                 # least-recently-used eviction takes tails before the prefix they need
                 mgr.hit(ids[:keep][::-1])
+            if self.settle:
+                mgr.synchronize(storage=True)
             self.poll()
 
     def poll(self) -> None:

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["Clock", "HostEvent", "machine_info", "median", "percentile"]
+__all__ = ["Clock", "HostEvent", "machine_info", "median", "percentile", "pinned_threads"]
 
 
 class HostEvent:
@@ -145,6 +145,24 @@ class Clock:
 
     def label(self) -> str:
         return str(self.device) if self.gpu else "CPU"
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int | None):
+    """Run the block with ``n`` torch intra-op threads (None: leave them alone).
+
+    On a CPU a small copy with every core's thread takes milliseconds when the
+    cores are busy; with one it takes microseconds. Timing everything with one
+    thread keeps cases and ceilings comparable."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def median(values: Sequence[float]) -> float:
