@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PIP    := $(VENV)/bin/python -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
+SGLANG := $(VENV)/.sglang-installed
 
 .PHONY: bench test install clean
 
@@ -12,12 +13,19 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[test,bench,storage]'
 	touch $@
 
-install: $(STAMP)
+# The tests run against the real SGLang (its memory pools, storage factory and
+# plugin loader): the pinned CPU subset of it, without resolving its GPU
+# dependencies (see the file's header).
+$(SGLANG): $(STAMP) requirements-sglang-test.txt
+	$(PIP) install -q --no-deps -c constraints.txt -r requirements-sglang-test.txt
+	touch $@
+
+install: $(STAMP) $(SGLANG)
 
 bench: $(STAMP)
 	$(VENV)/bin/hicache-bench
 
-test: $(STAMP)
+test: $(STAMP) $(SGLANG)
 	$(VENV)/bin/python -m pytest -q
 
 clean:

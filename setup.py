@@ -86,8 +86,15 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"],
         "bench": ["rich>=13", "matplotlib>=3.7"],
         "storage": ["nixl-cu13>=0.7"],
+        # The plugin and storage backend need nothing more than SGLang itself
+        # (tested with 0.5.23); the storage backend also needs the storage extra.
+        "sglang": ["sglang>=0.5.23"],
     },
-    entry_points={"console_scripts": ["hicache-bench=hicache_kernels.bench.cli:main"]},
+    entry_points={
+        "console_scripts": ["hicache-bench=hicache_kernels.bench.cli:main"],
+        # SGLang's load_plugins() runs this in every SGLang process.
+        "sglang.srt.plugins": ["hicache_kernels=hicache_kernels.integrations.sglang_plugin:register"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Environment :: GPU :: NVIDIA CUDA",
