@@ -26,7 +26,7 @@ Environment:
   package, instead of SGLang's JIT kernels.
 - ``HICACHE_BACKEND`` picks the backend, as for :mod:`hicache_kernels.sglang`.
 
-Each process logs one INFO line (logger ``hicache_kernels.sglang_plugin``):
+Each process logs one INFO line (logger ``hicache_kernels.integrations.sglang_plugin``):
 what was routed, the backend and why. Importing this module imports nothing
 from SGLang, and :func:`register` does nothing in a process without SGLang.
 """
