@@ -5,7 +5,6 @@ moving bytes through it, every layout and io backend, checked byte by byte."""
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import textwrap
 
 import pytest
@@ -18,7 +17,7 @@ from sglang_env import TESTS, device_planes, host_rows, make_pools, run_child
 import hicache_kernels.sglang as dropin
 from hicache_kernels.integrations import sglang_plugin
 
-PLUGIN_VARS = ("HICACHE_SGLANG_PLUGIN", "HICACHE_SGLANG_ROUTE_JIT", "SGLANG_PLUGINS", "HICACHE_BACKEND")
+PLUGIN_VARS = ("HICACHE_SGLANG_PLUGIN", "HICACHE_SGLANG_ROUTE_JIT", "SGLANG_PLUGINS")
 
 # (pool, io backend, host layout): what SGLang's MHA and MLA host pools offer.
 CASES = [
@@ -36,12 +35,15 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def routed():
-    """SGLang's plugin loader, run in this process as every SGLang process runs it."""
-    for var in PLUGIN_VARS:
-        assert var not in os.environ, f"{var} is set; these tests need the plugin's defaults"
+    """SGLang's plugin loader, run in this process as every SGLang process runs
+    it, with the plugin's defaults."""
     from sglang.srt.plugins import load_plugins
 
-    load_plugins()
+    with pytest.MonkeyPatch.context() as env:
+        for var in PLUGIN_VARS:
+            env.delenv(var, raising=False)
+        load_plugins()
+        yield
 
 
 def test_entry_point_is_what_sglang_looks_up():

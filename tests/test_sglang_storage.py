@@ -21,7 +21,7 @@ from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 from sglang.srt.mem_cache.utils import get_hash_str
 from sglang.srt.observability.metrics_collector import StorageMetrics
 
-from hicache_kernels.integrations.sglang_storage import HiCacheKernelsStorage
+from hicache_kernels.integrations.sglang_storage import HiCacheKernelsStorage, host_buffer
 
 DYNAMIC = {"backend_name": "hicache_kernels",
            "module_path": "hicache_kernels.integrations.sglang_storage",
@@ -84,6 +84,9 @@ def test_round_trip_through_sglang_factory(tmp_path, kind, layout):
     host = host_pool(kind, layout)
     backend = attach(storage_config(tmp_path, mla=kind == "mla"), host)
     assert isinstance(backend, HiCacheKernelsStorage)
+    view = host_buffer(host)           # what NIXL registers: SGLang's own memory, no copy
+    assert [t.data_ptr() for t in view.tensors()] == [t.data_ptr() for t in (
+        [host.kv_buffer] if kind == "mla" else host.kv_buffer.unbind(0))]
     ks, src, dst = keys(5), [3, 7, 1, 9, 4], [11, 2, 14, 5, 8]
     want = pages_of(host, src)
     assert backend.batch_exists(ks) == 0
