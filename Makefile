@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 # The install is redone when these change: the CUDA library and the C extension
 # are built from csrc/ by setup.py.
 NATIVE := CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+SGLANG := $(VENV)/.sglang-installed
 
 .PHONY: bench test install clean
 
@@ -16,12 +17,19 @@ $(STAMP): setup.py pyproject.toml constraints.txt $(NATIVE)
 	$(VENV)/bin/hicache-bench --version
 	touch $@
 
-install: $(STAMP)
+# The tests run against the real SGLang (its memory pools, storage factory and
+# plugin loader): the pinned CPU subset of it, without resolving its GPU
+# dependencies (see the file's header).
+$(SGLANG): $(STAMP) requirements-sglang-test.txt
+	$(PIP) install -q --no-deps -c constraints.txt -r requirements-sglang-test.txt
+	touch $@
+
+install: $(STAMP) $(SGLANG)
 
 bench: $(STAMP)
 	$(VENV)/bin/hicache-bench
 
-test: $(STAMP)
+test: $(STAMP) $(SGLANG)
 	$(VENV)/bin/python -m pytest -q
 
 clean:

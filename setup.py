@@ -94,8 +94,15 @@ setup(
         "storage-cu13": ["nixl-cu13>=0.7"],
         # KV events over ZMQ (SGLang's msgpack format) and Prometheus metrics: hicache_kernels.observers
         "observe": ["pyzmq>=25", "msgspec>=0.18", "prometheus_client>=0.20"],
+        # The plugin and storage backend need nothing more than SGLang itself
+        # (tested with 0.5.23); the storage backend also needs the storage extra.
+        "sglang": ["sglang>=0.5.23"],
     },
-    entry_points={"console_scripts": ["hicache-bench=hicache_kernels.bench.cli:main"]},
+    entry_points={
+        "console_scripts": ["hicache-bench=hicache_kernels.bench.cli:main"],
+        # SGLang's load_plugins() runs this in every SGLang process.
+        "sglang.srt.plugins": ["hicache_kernels=hicache_kernels.integrations.sglang_plugin:register"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Environment :: GPU :: NVIDIA CUDA",
