@@ -13,10 +13,11 @@ either side skips that item.
 
 Backend: ``HICACHE_BACKEND`` in the environment (default ``auto``: the CUDA
 kernels, else Triton, on GPU tensors; the torch reference on CPU tensors, or
-Triton's interpreter when ``TRITON_INTERPRET=1``). ``block_quota`` is the
-kernel's SM budget and ``num_warps_per_block`` its warps per block. The
-``direct`` functions use the copy-engine backend when it is built, and take
-tensors of any strides and any row size, as sgl-kernel does.
+Triton's interpreter when ``TRITON_INTERPRET=1``), read when a plan is built
+(:func:`clear_plan_cache` makes a change apply to pools already used).
+``block_quota`` is the kernel's SM budget and ``num_warps_per_block`` its warps
+per block. The ``direct`` functions use the copy-engine backend when it is
+built, and take tensors of any strides and any row size, as sgl-kernel does.
 
 Plan cache. Building a plan (checks, addresses, backend choice) costs far more
 than a call, so plans are cached, under this rule:
@@ -38,6 +39,7 @@ than a call, so plans are cached, under this rule:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 import os
 import threading
@@ -217,34 +219,28 @@ def clear_plan_cache() -> None:
         _PLANS.clear()
 
 
-def _memory(t: torch.Tensor) -> tuple:
-    """What a plan depends on in a tensor: its allocation (by identity), where in
-    it the tensor starts, and its view."""
-    return (t.untyped_storage()._cdata, t.data_ptr(), t.shape, t.stride(), t.dtype)
-
-
-def _table_memory(t: torch.Tensor) -> tuple:
-    """For an address table, also its contents' version (bumped by in-place writes)."""
-    return _memory(t) + (t._version,)
-
-
 def _key(form: str, tensors: Sequence, tables: Sequence = (), *scalars) -> tuple | None:
-    """The cache key of a call, or None when an argument is not a tensor (the
-    builder then names it). Scalars are keyed with their types: ``True == 1``."""
+    """The cache key of a call: per tensor, its allocation (by identity), where in it
+    the tensor starts, its shape, strides and dtype; per address table also its
+    contents' version (bumped by in-place writes); the scalars with their types
+    (``True == 1``). None when an argument is not a tensor (the builder names it)."""
+    key = [form, *map(type, scalars), *scalars]
     try:
-        return (form, *map(type, scalars), *scalars, *map(_memory, tensors),
-                *map(_table_memory, tables))
+        for t in tensors:
+            key += (t.untyped_storage()._cdata, t.data_ptr(), t.shape, t.stride(), t.dtype)
+        for t in tables:
+            key += (t.untyped_storage()._cdata, t.data_ptr(), t.shape, t.stride(), t.dtype,
+                    t._version)
     except (AttributeError, TypeError, RuntimeError, NotImplementedError):
         return None
+    return tuple(key)
 
 
 def _plan_for(key: tuple | None, tensors: Sequence, build,
-              backend: str | None = None) -> tuple[TransferPlan | None, ModuleType | None]:
+              direct: bool = False) -> tuple[TransferPlan | None, ModuleType | None]:
     """``(plan, backend module)`` for a call, built (and fully checked) on a miss."""
-    backend = backend or _backend()
     entry = None
     if key is not None:
-        key = key + (backend,)
         try:
             entry = _PLANS.get(key)
         except TypeError:            # an unhashable argument: let the builder report it
@@ -256,7 +252,7 @@ def _plan_for(key: tuple | None, tensors: Sequence, build,
     plan = build()
     module = None
     if plan is not None:
-        module, _ = backends.choose(plan, backend)
+        module, _ = backends.choose(plan, _direct_backend() if direct else _backend())
         check_devices(plan, module)
     if key is not None:
         _remember(key, _Entry(_without_views(plan), module, _allocations(tensors)))
@@ -486,6 +482,12 @@ def _tensor_list(name: str, tensors) -> list[torch.Tensor]:
     return list(tensors)
 
 
+@functools.lru_cache(maxsize=64)
+def _names(name: str, n: int) -> tuple[str, ...]:
+    """``name[0]``, ``name[1]``, ...: what errors call a list's tensors."""
+    return tuple(f"{name}[{i}]" for i in range(n))
+
+
 def _row_bytes(name: str, t) -> int:
     """Bytes of one slot (row) of a tensor ``[slots, ...]``."""
     if not isinstance(t, torch.Tensor):
@@ -603,8 +605,8 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
     src_list = _tensor_list("src_layers", src_layers)
     dst_list = _tensor_list("dst_layers", dst_layers)
     src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
-    src_names = [f"src_layers[{i}]" for i in range(len(src_list))]
-    dst_names = [f"dst_layers[{i}]" for i in range(len(dst_list))]
+    src_names = _names("src_layers", len(src_list))
+    dst_names = _names("dst_layers", len(dst_list))
 
     def build():
         if len(src_list) != len(dst_list):
@@ -618,7 +620,7 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
         return _plan("direct lf->lf", src, dst, 1, src.addressing.head_stride)
     tensors = src_list + dst_list
     plan, module = _plan_for(_key("direct", tensors, (), len(src_list)), tensors, build,
-                             _direct_backend())
+                             direct=True)
     if plan is None:
         _copy_slot_runs(src_names, src_list, dst_names, dst_list, src_idx, dst_idx)
     else:
@@ -660,12 +662,19 @@ def _direct_pools(name: str, pools: list[torch.Tensor], page_size: int,
 
 def _expand_pages(first_slots: torch.Tensor, page_size: int, whole_pages: bool) -> torch.Tensor:
     """Each page's first index -> its ``page_size`` consecutive slots (SGLang copies
-    whole pages: a host page is found from its first index, a device run starts there)."""
+    whole pages: a host page is found from its first index, a device run starts there).
+    A padded page's slots are all negative, so it stays skipped."""
     start = first_slots[::page_size]
     if whole_pages:
-        start = torch.div(start, page_size, rounding_mode="floor") * page_size
-    slots = start[:, None] + torch.arange(page_size)
-    return torch.where(start[:, None] >= 0, slots, -1).reshape(-1)  # a padded page stays skipped
+        start = start // page_size * page_size        # -1 becomes -page_size
+    else:
+        start = start.masked_fill(start < 0, -page_size)
+    return (start[:, None] + _in_page(page_size)).reshape(-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _in_page(page_size: int) -> torch.Tensor:
+    return torch.arange(page_size)
 
 
 def _copy_pages(pools, pool_names, per_layer, layer_names, layers: range, pool_idx, flat_idx,
@@ -707,8 +716,8 @@ def transfer_kv_per_layer_direct_pf_lf(src_ptrs, dst_ptrs, src_indices, dst_indi
         raise ValueError(f"dst_ptrs: expected K layers then V layers for {len(src_list)} source "
                          f"pools, got {len(dst_list)} tensors")
     src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
-    src_names = [f"src_ptrs[{i}]" for i in range(len(src_list))]
-    dst_names = [f"dst_ptrs[{i}]" for i in range(len(dst_list))]
+    src_names = _names("src_ptrs", len(src_list))
+    dst_names = _names("dst_ptrs", len(dst_list))
     layers = range(_one_layer(layer_id).start, layer_id + len(dst_list) // len(src_list))
 
     def build():
@@ -720,7 +729,7 @@ def transfer_kv_per_layer_direct_pf_lf(src_ptrs, dst_ptrs, src_indices, dst_indi
         return _plan(f"direct pfd->lf L{layer_id}", src, dst, 1, item)
     tensors = src_list + dst_list
     key = _key("direct_pf_lf", tensors, (), len(src_list), layer_id, page_size)
-    plan, module = _plan_for(key, tensors, build, _direct_backend())
+    plan, module = _plan_for(key, tensors, build, direct=True)
     if plan is None:
         _copy_pages(src_list, src_names, dst_list, dst_names, layers, src_idx, dst_idx, page_size,
                     to_pool=False)
@@ -739,8 +748,8 @@ def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indi
         raise ValueError(f"src_ptrs: expected K layers then V layers for {len(dst_list)} "
                          f"destination pools, got {len(src_list)} tensors")
     src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
-    src_names = [f"src_ptrs[{i}]" for i in range(len(src_list))]
-    dst_names = [f"dst_ptrs[{i}]" for i in range(len(dst_list))]
+    src_names = _names("src_ptrs", len(src_list))
+    dst_names = _names("dst_ptrs", len(dst_list))
     layers = range(len(src_list) // len(dst_list))
 
     def build():
@@ -752,7 +761,7 @@ def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indi
         return _plan("direct lf->pfd all", src, dst, 1, item)
     tensors = src_list + dst_list
     plan, module = _plan_for(_key("direct_lf_pf", tensors, (), len(src_list), page_size), tensors,
-                             build, _direct_backend())
+                             build, direct=True)
     if plan is None:
         _copy_pages(dst_list, dst_names, src_list, src_names, layers, dst_idx, src_idx, page_size,
                     to_pool=True)
@@ -823,7 +832,7 @@ def transfer_embedding_ranges_direct(src, dst, src_starts, dst_starts, lengths) 
     def build():
         return _plan("embedding ranges", _per_layer_rows("src", [src]),
                      _per_layer_rows("dst", [dst]), 1, src.shape[1] * src.element_size())
-    plan, module = _plan_for(_key("ranges", (src, dst)), (src, dst), build, _direct_backend())
+    plan, module = _plan_for(_key("ranges", (src, dst)), (src, dst), build, direct=True)
     _run(plan, module, src_rows, dst_rows, None, None)
 
 
