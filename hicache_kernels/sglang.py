@@ -822,6 +822,13 @@ def transfer_embedding_ranges_direct(src, dst, src_starts, dst_starts, lengths) 
                                  f"range for {side} with {t.shape[0]} rows")
     if not any(sizes) or src.shape[1] == 0:
         return
+    host = dst if src.is_cuda else src
+    if (src.is_cuda or dst.is_cuda) and not host.is_pinned():
+        # pageable memory no device reaches: one copy per range, staged by CUDA (sgl-kernel's way)
+        for a, b, n in zip(starts["src_starts"], starts["dst_starts"], sizes):
+            if n:
+                dst[b:b + n].copy_(src[a:a + n], non_blocking=True)
+        return
     # every row of every range as one index, each side; the copy engines merge them back
     length = torch.tensor(sizes, dtype=torch.int64)
     first = torch.cumsum(length, 0) - length

@@ -263,6 +263,26 @@ def test_bad_embedding_ranges_write_nothing(backend, gen, change, error, match):
         assert (written.contiguous().view(torch.uint8) == 0xA5).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "pageable"])
+@pytest.mark.parametrize("direction", ["h2d", "d2h"])
+def test_embedding_ranges_on_a_gpu(gen, direction, pinned):
+    host = rnd((28, 37), torch.bfloat16, gen)
+    host = host.pin_memory() if pinned else host
+    dev = torch.full((16, 37), -1.0, dtype=torch.bfloat16, device="cuda")
+    src, dst = (host, dev) if direction == "h2d" else (dev, host)
+    if direction == "d2h":
+        dev.copy_(rnd((16, 37), torch.bfloat16, gen))
+        host.view(torch.uint8).fill_(0xA5)
+    want = dst.cpu().clone()
+    starts = ([1, 11, 23], [2, 6, 10]) if direction == "h2d" else ([2, 6, 10], [1, 11, 23])
+    kvio.transfer_embedding_ranges_direct(src, dst, *starts, [4, 4, 2])
+    torch.cuda.synchronize()
+    for a, b, n in zip(*starts, [4, 4, 2]):
+        want[b:b + n] = src[a:a + n].cpu()
+    assert_bytes_equal(dst, want)
+
+
 # -- get_device_accessible_ptr -------------------------------------------------------------
 
 def test_device_pointer_refuses_what_no_device_can_reach(monkeypatch):
