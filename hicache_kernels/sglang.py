@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import math
 import operator
 import os
 import threading
@@ -73,6 +75,9 @@ __all__ = [
     "get_device_accessible_ptr",
     "clear_plan_cache",
 ]
+
+
+log = logging.getLogger("hicache_kernels")
 
 
 def _backend() -> str:
@@ -208,6 +213,7 @@ class _Entry(NamedTuple):
 
 
 _PLANS: dict[tuple, _Entry] = {}
+_UNCACHED_TABLES: set = set()        # devices already warned about (see _contents_version)
 _PLAN_CACHE_SIZE = 512
 _PLANS_LOCK = threading.Lock()       # misses insert and sweep; hits only read
 
@@ -230,10 +236,27 @@ def _key(form: str, tensors: Sequence, tables: Sequence = (), *scalars) -> tuple
             key += (t.untyped_storage()._cdata, t.data_ptr(), t.shape, t.stride(), t.dtype)
         for t in tables:
             key += (t.untyped_storage()._cdata, t.data_ptr(), t.shape, t.stride(), t.dtype,
-                    t._version)
+                    _contents_version(t))
     except (AttributeError, TypeError, RuntimeError, NotImplementedError):
         return None
     return tuple(key)
+
+
+def _contents_version(table: torch.Tensor):
+    """What changes when an address table is written: its version counter, or for a
+    table made under ``torch.inference_mode()`` (no counter) on the CPU, its values.
+    Such a table on a GPU cannot be named without a sync: its calls are not cached."""
+    try:
+        return table._version
+    except RuntimeError:
+        if table.device.type == "cpu":
+            return tuple(table.tolist())
+        if table.device not in _UNCACHED_TABLES:
+            _UNCACHED_TABLES.add(table.device)
+            log.warning("address tables on %s made under torch.inference_mode() have no version "
+                        "counter: calls with them build their plan each time (~150 us); make "
+                        "them outside inference mode", table.device)
+        raise
 
 
 def _plan_for(key: tuple | None, tensors: Sequence, build,
@@ -492,10 +515,11 @@ def _row_bytes(name: str, t) -> int:
     """Bytes of one slot (row) of a tensor ``[slots, ...]``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() == 0 or t[0].numel() == 0:
+    row = math.prod(t.shape[1:]) * t.element_size()
+    if t.dim() == 0 or row == 0:
         raise ValueError(f"{name}: expected a tensor [slots, ...] with non-empty rows, got shape "
                          f"{list(t.shape)}")
-    return t[0].numel() * t.element_size()
+    return row
 
 
 def _same_rows(names: Sequence[str], tensors: Sequence, row_bytes: int, like: str) -> None:

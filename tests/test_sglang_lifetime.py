@@ -212,3 +212,20 @@ def test_scalars_are_keyed_with_their_types(host_copy_engine, gen):
     kvio.transfer_kv_per_layer_mla_pf_lf(*args, 1, 32, 96)
     with pytest.raises(TypeError, match="layer_id: expected an int"):
         kvio.transfer_kv_per_layer_mla_pf_lf(*args, True, 32, 96)
+
+
+def test_a_table_made_in_inference_mode_is_named_by_its_values(host_copy_engine, gen):
+    """No version counter under ``torch.inference_mode()``: a CPU table's values name it."""
+    src = [forms.rnd((8, 16), torch.uint8, gen) for _ in range(4)]
+    dst = [forms.poisoned((8, 16), torch.uint8) for _ in range(4)]
+    other = [forms.poisoned((8, 16), torch.uint8) for _ in range(2)]
+    with torch.inference_mode():
+        sk, dk, sv, dv = (forms.table(ts) for ts in (src[:2], dst[:2], src[2:], dst[2:]))
+    idx = torch.arange(8)
+    kvio.transfer_kv_all_layer(sk, dk, sv, dv, idx, idx, 16, 2)
+    with torch.inference_mode():
+        dk.copy_(forms.table(other))
+    kvio.transfer_kv_all_layer(sk, dk, sv, dv, idx, idx, 16, 2)
+    for s, d in zip(src[:2], other):
+        assert torch.equal(s, d)
+    assert len(kvio._PLANS) == 2
