@@ -229,3 +229,20 @@ def test_a_table_made_in_inference_mode_is_named_by_its_values(host_copy_engine,
     for s, d in zip(src[:2], other):
         assert torch.equal(s, d)
     assert len(kvio._PLANS) == 2
+
+
+def test_the_premise_a_weak_reference_reserves_an_allocations_identity():
+    """The cache's soundness rests on this torch behaviour: a storage's identity is
+    reused at once after it is freed, but not while a weak reference to it lives, and
+    the weak reference does not keep its memory."""
+    def reused(hold: bool) -> int:
+        t = torch.empty(64, 64)
+        identity = t.untyped_storage()._cdata
+        ref = StorageWeakRef(t.untyped_storage()) if hold else None
+        del t
+        gc.collect()
+        assert ref is None or ref.expired()
+        return sum(torch.empty(64, 64).untyped_storage()._cdata == identity for _ in range(50))
+
+    assert reused(hold=False) > 0     # else this test could not tell
+    assert reused(hold=True) == 0
