@@ -1,7 +1,7 @@
 """A drop-in for ``sgl_kernel.kvcacheio``: SGLang's host-pool call surface.
 
-Same function names, argument names, order, defaults and meaning (see
-``shared/SGLANG_API.md``), mapped onto :mod:`hicache_kernels.ops`::
+Same function names, argument names, order, defaults and meaning, mapped onto
+:mod:`hicache_kernels.ops`::
 
     from hicache_kernels.sglang import transfer_kv_per_layer, transfer_kv_all_layer, ...
 
@@ -13,25 +13,47 @@ either side skips that item.
 
 Backend: ``HICACHE_BACKEND`` in the environment (default ``auto``: the CUDA
 kernels, else Triton, on GPU tensors; the torch reference on CPU tensors, or
-Triton's interpreter when ``TRITON_INTERPRET=1``). ``block_quota`` is the
-kernel's SM budget and ``num_warps_per_block`` its warps per block. The
-``direct`` functions use the copy-engine backend when it is built.
+Triton's interpreter when ``TRITON_INTERPRET=1``), read when a plan is built
+(:func:`clear_plan_cache` makes a change apply to pools already used).
+``block_quota`` is the kernel's SM budget and ``num_warps_per_block`` its warps
+per block. The ``direct`` functions use the copy-engine backend when it is
+built, and take tensors of any strides and any row size, as sgl-kernel does.
 
-Plans are cached per pool (see ``_PLANS``): a cached plan holds references to
-the tensors it was built from, so the memory stays valid; the cache is bounded.
+Plan cache. Building a plan (checks, addresses, backend choice) costs far more
+than a call, so plans are cached, under this rule:
+
+- A key names every tensor argument by its allocation (the identity of its
+  torch storage), where in it the tensor starts, its shape, strides and dtype;
+  an address table also by its contents' version. The entry holds a weak
+  reference to each allocation: it frees nothing, yet while it exists no other
+  allocation can take that identity, so a freed and rebuilt pool (or table)
+  never hits an old entry, even at the same address.
+- A cached plan holds addresses and strides, never a tensor: it keeps no pool
+  alive. Entries of freed allocations are dropped at the next miss;
+  :func:`clear_plan_cache` drops them all. The reference backend, which indexes
+  torch views, gets a plan built from the call's own tensors.
+- An address table is trusted like sgl-kernel trusts it: its values must point
+  to live memory for the duration of the call.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
+import math
+import operator
 import os
-from collections import OrderedDict
-from typing import Sequence
+import threading
+from types import ModuleType
+from typing import NamedTuple, Sequence
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import backends
 from .buffers import KVBuffer
-from .layouts import KVLayout, LayoutKind
+from .layouts import KVLayout, LayoutKind, PlaneAddressing
 from .ops import check_devices, check_launch_options, execute
 from .plan import PlaneSet, TransferPlan, tensor_at
 
@@ -49,7 +71,13 @@ __all__ = [
     "transfer_kv_direct",
     "transfer_kv_per_layer_direct_pf_lf",
     "transfer_kv_all_layer_direct_lf_pf",
+    "transfer_embedding_ranges_direct",
+    "get_device_accessible_ptr",
+    "clear_plan_cache",
 ]
+
+
+log = logging.getLogger("hicache_kernels")
 
 
 def _backend() -> str:
@@ -154,8 +182,8 @@ def _address_tables(names: Sequence[str], tables: Sequence, num_layers: int, ite
         raise ValueError(f"{names[1]}: expected a table on {tables[0].device} like {names[0]}, "
                          f"got {tables[1].device}")
     device = tables[0].device
-    bases = torch.cat([t.view(torch.int64) for t in tables]) if len(tables) == 2 \
-        else tables[0].view(torch.int64)
+    # a copy of the addresses: a plan keeps no tensor of the caller's alive
+    bases = torch.cat([t.view(torch.int64) for t in tables])
     layout = KVLayout(LayoutKind.LAYER_FIRST, num_layers=1, num_slots=1, head_num=head_num,
                       head_dim=item_size // head_num, dtype=torch.uint8)
 
@@ -169,51 +197,128 @@ def _address_tables(names: Sequence[str], tables: Sequence, num_layers: int, ite
                     device=device, views=views, num_slots=None, pinned=False)
 
 
-# Building a plan costs ~150 us of Python; SGLang calls these per layer on the
-# hot path with the same pool tensors, so plans are cached by what defines them:
-# the tensors' addresses, shapes, strides, dtypes and devices, the scalar
-# arguments, and for address tables also their contents' version.
-_PLANS: "OrderedDict[tuple, tuple[TransferPlan, object]]" = OrderedDict()
+# -- the plan cache ------------------------------------------------------------------------
+# Building a plan costs ~150 us of Python; SGLang calls these per layer on the hot
+# path with the same pools, so plans are cached. The rule (module docstring): a key
+# names each tensor's allocation by identity, and the entry holds a weak reference to
+# that allocation, which frees nothing but keeps its identity from being reused.
+
+class _Entry(NamedTuple):
+    plan: TransferPlan | None        # None: the direct forms' strided copy, no plan
+    module: ModuleType | None
+    allocations: tuple               # StorageWeakRef of every tensor the key names
+
+    def freed(self) -> bool:
+        return any(a.expired() for a in self.allocations)
+
+
+_PLANS: dict[tuple, _Entry] = {}
+_UNCACHED_TABLES: set = set()        # devices already warned about (see _contents_version)
 _PLAN_CACHE_SIZE = 512
+_PLANS_LOCK = threading.Lock()       # misses insert and sweep; hits only read
 
 
-def _fingerprint(value, content: bool = False):
-    if isinstance(value, torch.Tensor):
-        fp = (value.data_ptr(), value.shape, value.stride(), value.dtype, value.device)
-        return fp + (value._version,) if content else fp
-    if isinstance(value, (list, tuple)):
-        return tuple(_fingerprint(v, content) for v in value)
-    return value
+def clear_plan_cache() -> None:
+    """Forget every cached plan (they hold no memory; entries of freed pools are
+    also dropped on their own). For a teardown that wants the cache empty."""
+    with _PLANS_LOCK:
+        _PLANS.clear()
 
 
-def _cached_plan(key: tuple, build, backend: str | None = None) -> tuple[TransferPlan, object]:
-    """``(plan, backend module)`` for ``key``, built (and fully checked) on a miss."""
-    backend = backend or _backend()
-    key = key + (backend,)
+def _key(form: str, tensors: Sequence, tables: Sequence = (), *scalars) -> tuple | None:
+    """The cache key of a call: per tensor, its allocation (by identity), where in it
+    the tensor starts, its shape, strides and dtype; per address table also its
+    contents' version (bumped by in-place writes); the scalars with their types
+    (``True == 1``). None when an argument is not a tensor (the builder names it)."""
+    key = [form, *map(type, scalars), *scalars]
     try:
-        hit = _PLANS.get(key)
-    except TypeError:  # an unhashable argument: let the builder report it
-        key, hit = None, None
-    if hit is not None:
-        _PLANS.move_to_end(key)
-        return hit
-    plan = build()
-    module, _ = backends.choose(plan, backend)
-    check_devices(plan, module)
+        for t in tensors:
+            key += (t.untyped_storage()._cdata, t.data_ptr(), t.shape, t.stride(), t.dtype)
+        for t in tables:
+            key += (t.untyped_storage()._cdata, t.data_ptr(), t.shape, t.stride(), t.dtype,
+                    _contents_version(t))
+    except (AttributeError, TypeError, RuntimeError, NotImplementedError):
+        return None
+    return tuple(key)
+
+
+def _contents_version(table: torch.Tensor):
+    """What changes when an address table is written: its version counter, or for a
+    table made under ``torch.inference_mode()`` (no counter) on the CPU, its values.
+    Such a table on a GPU cannot be named without a sync: its calls are not cached."""
+    try:
+        return table._version
+    except RuntimeError:
+        if table.device.type == "cpu":
+            return tuple(table.tolist())
+        if table.device not in _UNCACHED_TABLES:
+            _UNCACHED_TABLES.add(table.device)
+            log.warning("address tables on %s made under torch.inference_mode() have no version "
+                        "counter: calls with them build their plan each time (~150 us); make "
+                        "them outside inference mode", table.device)
+        raise
+
+
+def _plan_for(key: tuple | None, tensors: Sequence, build,
+              direct: bool = False) -> tuple[TransferPlan | None, ModuleType | None]:
+    """``(plan, backend module)`` for a call, built (and fully checked) on a miss."""
+    entry = None
     if key is not None:
-        _PLANS[key] = (plan, module)
-        if len(_PLANS) > _PLAN_CACHE_SIZE:
-            _PLANS.popitem(last=False)
+        try:
+            entry = _PLANS.get(key)
+        except TypeError:            # an unhashable argument: let the builder report it
+            key = None
+    if entry is not None:
+        if entry.module is not None and entry.module.name == "reference":
+            return build(), entry.module   # it indexes views of this call's own tensors
+        return entry.plan, entry.module
+    plan = build()
+    module = None
+    if plan is not None:
+        module, _ = backends.choose(plan, _direct_backend() if direct else _backend())
+        check_devices(plan, module)
+    if key is not None:
+        _remember(key, _Entry(_without_views(plan), module, _allocations(tensors)))
     return plan, module
+
+
+def _remember(key: tuple, entry: _Entry) -> None:
+    with _PLANS_LOCK:
+        for stale in [k for k, e in _PLANS.items() if e.freed()]:
+            del _PLANS[stale]
+        _PLANS[key] = entry
+        while len(_PLANS) > _PLAN_CACHE_SIZE:
+            del _PLANS[next(iter(_PLANS))]
+
+
+def _allocations(tensors: Sequence[torch.Tensor]) -> tuple:
+    seen = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:
+            seen[storage._cdata] = StorageWeakRef(storage)
+    return tuple(seen.values())
+
+
+def _no_views(_min_slots: int) -> list[torch.Tensor]:
+    raise RuntimeError("a cached plan holds no tensors; the reference backend gets a plan "
+                       "built from the call's own tensors")
+
+
+def _without_views(plan: TransferPlan | None) -> TransferPlan | None:
+    """``plan`` minus its views, which reference the tensors it was built from."""
+    if plan is None:
+        return None
+    return dataclasses.replace(plan, src=dataclasses.replace(plan.src, views=_no_views),
+                               dst=dataclasses.replace(plan.dst, views=_no_views))
 
 
 def _plan(label: str, src: PlaneSet, dst: PlaneSet, head_num: int, item_size: int) -> TransferPlan:
     return TransferPlan(src, dst, head_num=head_num, head_bytes=item_size // head_num, label=label)
 
 
-def _run(cached: tuple[TransferPlan, object], src_indices, dst_indices, block_quota,
+def _run(plan: TransferPlan, module: ModuleType, src_indices, dst_indices, block_quota,
          num_warps_per_block) -> None:
-    plan, module = cached
     check_launch_options(block_quota, num_warps_per_block)
     execute(plan, src_indices, dst_indices, backend_module=module, sm_budget=block_quota,
             num_warps=num_warps_per_block)
@@ -228,8 +333,9 @@ def transfer_kv_per_layer(src_k, dst_k, src_v, dst_v, src_indices, dst_indices, 
         _check_item_size(item_size)
         return _plan("lf->lf layer", _layer_first(("src_k", "src_v"), (src_k, src_v), item_size, 1),
                      _layer_first(("dst_k", "dst_v"), (dst_k, dst_v), item_size, 1), 1, item_size)
-    key = ("lf_lf", _fingerprint((src_k, dst_k, src_v, dst_v)), item_size)
-    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
+    tensors = (src_k, dst_k, src_v, dst_v)
+    plan, module = _plan_for(_key("lf_lf", tensors, (), item_size), tensors, build)
+    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_pf_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_indices, layer_id,
@@ -241,8 +347,10 @@ def transfer_kv_per_layer_pf_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_ind
                          _one_layer(layer_id), item_size, src_layout_dim)
         dst = _layer_first(("dst_k", "dst_v"), (dst_k, dst_v), item_size, 1)
         return _plan(f"pf->lf L{layer_id}", src, dst, 1, item_size)
-    key = ("pf_lf", _fingerprint((src_k, dst_k, src_v, dst_v)), layer_id, item_size, src_layout_dim)
-    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
+    tensors = (src_k, dst_k, src_v, dst_v)
+    key = _key("pf_lf", tensors, (), layer_id, item_size, src_layout_dim)
+    plan, module = _plan_for(key, tensors, build)
+    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_ph_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_indices, layer_id,
@@ -256,9 +364,10 @@ def transfer_kv_per_layer_ph_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_ind
                          _one_layer(layer_id), item_size, src_layout_dim, page_size, head_num)
         dst = _layer_first(("dst_k", "dst_v"), (dst_k, dst_v), item_size, head_num)
         return _plan(f"ph->lf L{layer_id}", src, dst, head_num, item_size)
-    key = ("ph_lf", _fingerprint((src_k, dst_k, src_v, dst_v)), layer_id, item_size,
-           src_layout_dim, page_size, head_num)
-    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
+    tensors = (src_k, dst_k, src_v, dst_v)
+    key = _key("ph_lf", tensors, (), layer_id, item_size, src_layout_dim, page_size, head_num)
+    plan, module = _plan_for(key, tensors, build)
+    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer(src_k_layers, dst_k_layers, src_v_layers, dst_v_layers, src_indices,
@@ -272,9 +381,9 @@ def transfer_kv_all_layer(src_k_layers, dst_k_layers, src_v_layers, dst_v_layers
         dst = _address_tables(("dst_k_layers", "dst_v_layers"), (dst_k_layers, dst_v_layers),
                               num_layers, item_size)
         return _plan("lf->lf all", src, dst, 1, item_size)
-    key = ("lf_lf_all", _fingerprint((src_k_layers, dst_k_layers, src_v_layers, dst_v_layers), True),
-           item_size, num_layers)
-    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
+    tables = (src_k_layers, dst_k_layers, src_v_layers, dst_v_layers)
+    plan, module = _plan_for(_key("lf_lf_all", (), tables, item_size, num_layers), tables, build)
+    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_lf_pf(src_k_layers, dst_k, src_v_layers, dst_v, src_indices,
@@ -288,9 +397,10 @@ def transfer_kv_all_layer_lf_pf(src_k_layers, dst_k, src_v_layers, dst_v, src_in
         dst = _host_pool(LayoutKind.PAGE_FIRST, ("dst_k", "dst_v"), (dst_k, dst_v),
                          range(num_layers), item_size, dst_layout_dim)
         return _plan("lf->pf all", src, dst, 1, item_size)
-    key = ("lf_pf_all", _fingerprint((src_k_layers, src_v_layers), True),
-           _fingerprint((dst_k, dst_v)), item_size, dst_layout_dim, num_layers)
-    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
+    tensors, tables = (dst_k, dst_v), (src_k_layers, src_v_layers)
+    key = _key("lf_pf_all", tensors, tables, item_size, dst_layout_dim, num_layers)
+    plan, module = _plan_for(key, tensors + tables, build)
+    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_lf_ph(src_k_layers, dst_k, src_v_layers, dst_v, src_indices,
@@ -304,9 +414,11 @@ def transfer_kv_all_layer_lf_ph(src_k_layers, dst_k, src_v_layers, dst_v, src_in
         dst = _host_pool(LayoutKind.PAGE_HEAD, ("dst_k", "dst_v"), (dst_k, dst_v),
                          range(num_layers), item_size, dst_layout_dim, page_size, head_num)
         return _plan("lf->ph all", src, dst, head_num, item_size)
-    key = ("lf_ph_all", _fingerprint((src_k_layers, src_v_layers), True),
-           _fingerprint((dst_k, dst_v)), item_size, dst_layout_dim, num_layers, page_size, head_num)
-    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
+    tensors, tables = (dst_k, dst_v), (src_k_layers, src_v_layers)
+    key = _key("lf_ph_all", tensors, tables, item_size, dst_layout_dim, num_layers, page_size,
+               head_num)
+    plan, module = _plan_for(key, tensors + tables, build)
+    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_mla(src, dst, src_indices, dst_indices, item_size, block_quota=2,
@@ -316,8 +428,9 @@ def transfer_kv_per_layer_mla(src, dst, src_indices, dst_indices, item_size, blo
         _check_item_size(item_size)
         return _plan("mla lf->lf layer", _layer_first(("src",), (src,), item_size, 1),
                      _layer_first(("dst",), (dst,), item_size, 1), 1, item_size)
-    key = ("mla_lf_lf", _fingerprint((src, dst)), item_size)
-    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
+    tensors = (src, dst)
+    plan, module = _plan_for(_key("mla_lf_lf", tensors, (), item_size), tensors, build)
+    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_mla_pf_lf(src, dst, src_indices, dst_indices, layer_id, item_size,
@@ -329,8 +442,10 @@ def transfer_kv_per_layer_mla_pf_lf(src, dst, src_indices, dst_indices, layer_id
                               item_size, src_layout_dim)
         return _plan(f"mla pf->lf L{layer_id}", src_side,
                      _layer_first(("dst",), (dst,), item_size, 1), 1, item_size)
-    key = ("mla_pf_lf", _fingerprint((src, dst)), layer_id, item_size, src_layout_dim)
-    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
+    tensors = (src, dst)
+    key = _key("mla_pf_lf", tensors, (), layer_id, item_size, src_layout_dim)
+    plan, module = _plan_for(key, tensors, build)
+    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_mla(src_layers, dst_layers, src_indices, dst_indices, item_size,
@@ -342,8 +457,10 @@ def transfer_kv_all_layer_mla(src_layers, dst_layers, src_indices, dst_indices, 
                      _address_tables(("src_layers",), (src_layers,), num_layers, item_size),
                      _address_tables(("dst_layers",), (dst_layers,), num_layers, item_size),
                      1, item_size)
-    key = ("mla_lf_lf_all", _fingerprint((src_layers, dst_layers), True), item_size, num_layers)
-    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
+    tables = (src_layers, dst_layers)
+    plan, module = _plan_for(_key("mla_lf_lf_all", (), tables, item_size, num_layers), tables,
+                             build)
+    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_mla_lf_pf(src_layers, dst, src_indices, dst_indices, item_size,
@@ -356,9 +473,9 @@ def transfer_kv_all_layer_mla_lf_pf(src_layers, dst, src_indices, dst_indices, i
         dst_side = _host_pool(LayoutKind.PAGE_FIRST, ("dst",), (dst,), range(num_layers),
                               item_size, dst_layout_dim)
         return _plan("mla lf->pf all", src, dst_side, 1, item_size)
-    key = ("mla_lf_pf_all", _fingerprint(src_layers, True), _fingerprint(dst), item_size,
-           dst_layout_dim, num_layers)
-    _run(_cached_plan(key, build), src_indices, dst_indices, block_quota, num_warps_per_block)
+    key = _key("mla_lf_pf_all", (dst,), (src_layers,), item_size, dst_layout_dim, num_layers)
+    plan, module = _plan_for(key, (dst, src_layers), build)
+    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def _one_layer(layer_id) -> range:
@@ -368,6 +485,12 @@ def _one_layer(layer_id) -> range:
 
 
 # -- direct (copy-engine) forms -----------------------------------------------------------
+# sgl-kernel copies each run of slots with a slice copy, so it takes tensors of any
+# strides and any row size. Here a call is one plan when every row (one slot of one
+# tensor) is one contiguous block, and the rows of each side are the same size and
+# equally far apart (SGLang's unified-memory views ``e[:, layer, kv]`` are); the copy
+# engines then merge rows into runs wherever they are adjacent. Otherwise torch copies
+# each run (each page for the page_first_direct forms), as sgl-kernel does.
 
 def _direct_backend() -> str:
     requested = _backend()
@@ -382,31 +505,60 @@ def _tensor_list(name: str, tensors) -> list[torch.Tensor]:
     return list(tensors)
 
 
+@functools.lru_cache(maxsize=64)
+def _names(name: str, n: int) -> tuple[str, ...]:
+    """``name[0]``, ``name[1]``, ...: what errors call a list's tensors."""
+    return tuple(f"{name}[{i}]" for i in range(n))
+
+
 def _row_bytes(name: str, t) -> int:
-    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] == 0:
-        raise ValueError(f"{name}: expected a tensor [slots, ...]")
-    return t[0].numel() * t.element_size()
+    """Bytes of one slot (row) of a tensor ``[slots, ...]``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    row = math.prod(t.shape[1:]) * t.element_size()
+    if t.dim() == 0 or row == 0:
+        raise ValueError(f"{name}: expected a tensor [slots, ...] with non-empty rows, got shape "
+                         f"{list(t.shape)}")
+    return row
 
 
-def _per_layer_rows(name: str, tensors: list[torch.Tensor], row_bytes: int) -> PlaneSet:
-    """A list of layer-first per-layer tensors, each plane one tensor."""
-    rows = []
-    for i, t in enumerate(tensors):
-        r = _bytes(f"{name}[{i}]", t, row_bytes)
-        if r.shape[0] != t.shape[0]:
-            raise ValueError(f"{name}[{i}]: expected rows of {row_bytes} bytes like {name}[0], "
-                             f"got {_row_bytes(name, t)}")
-        rows.append(r.view(-1, 1, row_bytes))
-    devices = {r.device for r in rows}
-    if len(devices) != 1:
-        raise ValueError(f"{name}: expected every tensor on one device, got {sorted(map(str, devices))}")
-    layout = KVLayout(LayoutKind.LAYER_FIRST, num_layers=1, num_slots=min(r.shape[0] for r in rows),
-                      head_num=1, head_dim=row_bytes, dtype=torch.uint8)
+def _same_rows(names: Sequence[str], tensors: Sequence, row_bytes: int, like: str) -> None:
+    for name, t in zip(names, tensors):
+        got = _row_bytes(name, t)
+        if got != row_bytes:
+            raise ValueError(f"{name}: expected rows of {row_bytes} bytes like {like}, got {got}")
+
+
+def _row_geometry(t: torch.Tensor) -> tuple[int, int] | None:
+    """``(row bytes, bytes from one row to the next)`` when every row ``t[i]`` is one
+    contiguous block that does not overlap the next, else None."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+    row, step = expected * t.element_size(), t.stride(0) * t.element_size()
+    return (row, step) if step >= row or t.shape[0] == 1 else None
+
+
+def _per_layer_rows(name: str, tensors: list[torch.Tensor]) -> PlaneSet | None:
+    """Per-layer tensors ``[slots, ...]`` as one side of a plan, each plane one tensor;
+    None when their rows are not all contiguous, equally sized and equally far apart
+    on one device (then torch copies them)."""
+    geometry = {_row_geometry(t) for t in tensors}
+    devices = {t.device for t in tensors}
+    if len(geometry) != 1 or None in geometry or len(devices) != 1:
+        return None
+    row, step = geometry.pop()
+    # rows as described by the tensors' own strides (no layout has a row gap)
+    addressing = PlaneAddressing(page_size=1, page_stride=step, slot_stride=0, head_stride=row)
+    device = devices.pop()
     return PlaneSet(
-        name=name, addressing=layout.plane_addressing(), bases=[r.data_ptr() for r in rows],
-        device=rows[0].device, views=lambda _m: [r.unsqueeze(1) for r in rows],
-        num_slots=layout.num_slots,
-        pinned=rows[0].device.type == "cpu" and all(r.is_pinned() for r in rows),
+        name=name, addressing=addressing, bases=[t.data_ptr() for t in tensors], device=device,
+        views=lambda _m: [t.view(t.shape[0], -1).view(torch.uint8)[:, None, None, :]
+                          for t in tensors],
+        num_slots=min(t.shape[0] for t in tensors),
+        pinned=device.type == "cpu" and all(t.is_pinned() for t in tensors),
     )
 
 
@@ -428,41 +580,102 @@ def _page_runs(src_indices, dst_indices, page_size: int):
     return out
 
 
+def _check_copyable(names: Sequence[str], tensors: Sequence[torch.Tensor], like: str,
+                    dtype: torch.dtype, row_shape) -> None:
+    """What torch's slice copies need: the same dtype and row shape (bytes stay bytes)."""
+    for name, t in zip(names, tensors):
+        if t.dtype != dtype or tuple(t.shape[1:]) != tuple(row_shape):
+            raise ValueError(f"{name}: expected rows {list(row_shape)} of {dtype} like {like} "
+                             f"(strided tensors are copied as they are), got "
+                             f"{list(t.shape[1:])} of {t.dtype}")
+
+
+def _check_in_range(idx_name: str, idx: torch.Tensor, names: Sequence[str],
+                    tensors: Sequence[torch.Tensor], extent: int = 1) -> None:
+    """Every ``idx .. idx + extent - 1`` (non-negative ``idx``) within each tensor's slots."""
+    if not idx.numel():
+        return
+    largest = int(idx.max()) + extent - 1
+    for name, t in zip(names, tensors):
+        if largest >= t.shape[0]:
+            raise IndexError(f"{idx_name}: largest index {largest} is out of range for {name} "
+                             f"with {t.shape[0]} slots")
+
+
+def _copy_slot_runs(src_names, src_list, dst_names, dst_list, src_idx, dst_idx) -> None:
+    """sgl-kernel's transfer_kv_direct for any strides: one slice copy per run of slots
+    consecutive on both sides, per tensor pair (pairs with a negative index skipped)."""
+    for j, (s, d) in enumerate(zip(src_list, dst_list)):
+        _check_copyable([dst_names[j]], [d], src_names[j], s.dtype, s.shape[1:])
+    keep = (src_idx >= 0) & (dst_idx >= 0)
+    src_idx, dst_idx = src_idx[keep], dst_idx[keep]
+    _check_in_range("src_indices", src_idx, src_names, src_list)
+    _check_in_range("dst_indices", dst_idx, dst_names, dst_list)
+    n = src_idx.numel()
+    if n == 0:
+        return
+    breaks = ((src_idx[1:] - src_idx[:-1]) != 1) | ((dst_idx[1:] - dst_idx[:-1]) != 1)
+    starts = [0] + (breaks.nonzero().squeeze(1) + 1).tolist()
+    for first, end, s, d in zip(starts, starts[1:] + [n], src_idx[starts].tolist(),
+                                dst_idx[starts].tolist()):
+        for src, dst in zip(src_list, dst_list):
+            dst[d:d + end - first].copy_(src[s:s + end - first], non_blocking=True)
+
+
 def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_size):
-    """Per-layer layer-first tensors (K layers then V layers, or any list) ->
-    the same, copying runs of slots contiguous on both sides, with no kernel."""
+    """Per-layer tensors ``[slots, ...]`` (K layers then V layers, or any list) ->
+    the same, each tensor to its partner, copying runs of slots contiguous on both
+    sides with no kernel. Any strides."""
     src_list = _tensor_list("src_layers", src_layers)
     dst_list = _tensor_list("dst_layers", dst_layers)
     src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
+    src_names = _names("src_layers", len(src_list))
+    dst_names = _names("dst_layers", len(dst_list))
 
     def build():
         if len(src_list) != len(dst_list):
             raise ValueError(f"dst_layers: expected {len(src_list)} tensors like src_layers, "
                              f"got {len(dst_list)}")
-        row = _row_bytes("src_layers[0]", src_list[0])
-        return _plan("direct lf->lf", _per_layer_rows("src_layers", src_list, row),
-                     _per_layer_rows("dst_layers", dst_list, row), 1, row)
-    key = ("direct", _fingerprint(src_list), _fingerprint(dst_list))
-    _run(_cached_plan(key, build, _direct_backend()), src_idx, dst_idx, None, None)
+        for j, s in enumerate(src_list):
+            _same_rows([dst_names[j]], [dst_list[j]], _row_bytes(src_names[j], s), src_names[j])
+        src, dst = _per_layer_rows("src_layers", src_list), _per_layer_rows("dst_layers", dst_list)
+        if src is None or dst is None:
+            return None
+        return _plan("direct lf->lf", src, dst, 1, src.addressing.head_stride)
+    tensors = src_list + dst_list
+    plan, module = _plan_for(_key("direct", tensors, (), len(src_list)), tensors, build,
+                             direct=True)
+    if plan is None:
+        _copy_slot_runs(src_names, src_list, dst_names, dst_list, src_idx, dst_idx)
+    else:
+        _run(plan, module, src_idx, dst_idx, None, None)
 
 
-def _direct_pool(name: str, tensors: list[torch.Tensor], page_size: int,
-                 layers: range) -> tuple[PlaneSet, int]:
-    """A page_first_direct pool ``[pages, layers, page_size, ...]`` per plane,
-    and its item size (bytes of one slot of one layer)."""
-    first = tensors[0]
-    if not isinstance(first, torch.Tensor) or first.dim() < 3 or first.shape[2] != page_size:
-        raise ValueError(f"{name}[0]: expected [pages, layers, page_size={page_size}, ...], got "
-                         f"{list(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__}")
+def _direct_pools(name: str, pools: list[torch.Tensor], page_size: int,
+                  layers: range) -> tuple[PlaneSet | None, int]:
+    """page_first_direct pools ``[pages, layers, page_size, ...]`` (K and V, or MLA's
+    one) as one side of a plan, and the bytes of one slot of one layer. The side is
+    None when a pool is not contiguous (then torch copies each page)."""
+    names = [f"{name}[{i}]" for i in range(len(pools))]
+    for n, pool in zip(names, pools):
+        if not isinstance(pool, torch.Tensor) or pool.dim() < 3 or pool.shape[2] != page_size:
+            got = list(pool.shape) if isinstance(pool, torch.Tensor) else type(pool).__name__
+            raise ValueError(f"{n}: expected [pages, layers, page_size={page_size}, ...], got {got}")
+    first = pools[0]
+    for n, pool in zip(names[1:], pools[1:]):
+        if pool.shape != first.shape or pool.dtype != first.dtype:
+            raise ValueError(f"{n}: expected shape {list(first.shape)} of {first.dtype} like "
+                             f"{names[0]}, got {list(pool.shape)} of {pool.dtype}")
     num_layers = first.shape[1]
     if layers.start < 0 or layers.stop > num_layers:
         raise ValueError(f"layer_id: expected layers within [0, {num_layers}), got {layers}")
     item = first[0, 0, 0].numel() * first.element_size()
-    _check_item_size(item)
+    if item == 0:
+        raise ValueError(f"{names[0]}: expected non-empty rows, got shape {list(first.shape)}")
+    if not all(pool.is_contiguous() for pool in pools):
+        return None, item
     slot_bytes = item * num_layers
-    names = [f"{name}[{i}]" for i in range(len(tensors))]
-    rows = [_bytes(n, t, slot_bytes) for n, t in zip(names, tensors)]
-    _same_slots(names, rows)
+    rows = [_bytes(n, pool, slot_bytes) for n, pool in zip(names, pools)]
     layout = KVLayout(LayoutKind.PAGE_FIRST_DIRECT, num_layers=num_layers,
                       num_slots=rows[0].shape[0], head_num=1, head_dim=item, dtype=torch.uint8,
                       page_size=page_size, mla=len(rows) == 1)
@@ -473,51 +686,213 @@ def _direct_pool(name: str, tensors: list[torch.Tensor], page_size: int,
 
 def _expand_pages(first_slots: torch.Tensor, page_size: int, whole_pages: bool) -> torch.Tensor:
     """Each page's first index -> its ``page_size`` consecutive slots (SGLang copies
-    whole pages: a host page is found from its first index, a device run starts there)."""
+    whole pages: a host page is found from its first index, a device run starts there).
+    A padded page's slots are all negative, so it stays skipped."""
     start = first_slots[::page_size]
     if whole_pages:
-        start = torch.div(start, page_size, rounding_mode="floor") * page_size
-    slots = start[:, None] + torch.arange(page_size)
-    return torch.where(start[:, None] >= 0, slots, -1).reshape(-1)  # a padded page stays skipped
+        start = start // page_size * page_size        # -1 becomes -page_size
+    else:
+        start = start.masked_fill(start < 0, -page_size)
+    return (start[:, None] + _in_page(page_size)).reshape(-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _in_page(page_size: int) -> torch.Tensor:
+    return torch.arange(page_size)
+
+
+def _copy_pages(pools, pool_names, per_layer, layer_names, layers: range, pool_idx, flat_idx,
+                page_size: int, to_pool: bool) -> None:
+    """sgl-kernel's page_first_direct forms for any strides: per page and layer, one
+    slice copy between ``pool[page, layer]`` and ``page_size`` rows of a per-layer
+    tensor (K layers, then V layers)."""
+    per_pool = len(per_layer) // len(pools)
+    owner = [i // per_pool for i in range(len(per_layer))]
+    for name, t, p in zip(layer_names, per_layer, owner):
+        _check_copyable([name], [t], pool_names[p], pools[p].dtype, pools[p].shape[3:])
+    pool_name, flat_name = ("dst_indices", "src_indices") if to_pool else ("src_indices", "dst_indices")
+    pages, starts = pool_idx[::page_size], flat_idx[::page_size]
+    keep = (pages >= 0) & (starts >= 0)
+    pages = torch.div(pages[keep], page_size, rounding_mode="floor")
+    starts = starts[keep]
+    if pages.numel():
+        largest = int(pages.max()) * page_size + page_size - 1
+        if largest >= pools[0].shape[0] * page_size:
+            raise IndexError(f"{pool_name}: largest index {largest} is out of range for "
+                             f"{pool_names[0]} with {pools[0].shape[0] * page_size} slots")
+    _check_in_range(flat_name, starts, layer_names, per_layer, page_size)
+    for page, start in zip(pages.tolist(), starts.tolist()):
+        for i, t in enumerate(per_layer):
+            block = pools[owner[i]][page, layers.start + i % per_pool]
+            rows = t[start:start + page_size]
+            (block if to_pool else rows).copy_(rows if to_pool else block, non_blocking=True)
 
 
 def transfer_kv_per_layer_direct_pf_lf(src_ptrs, dst_ptrs, src_indices, dst_indices, layer_id,
                                        page_size):
     """Copy-engine load from page_first_direct ``[pages, layers, page_size, ...]``
     (``src_ptrs=[k_pool, v_pool]``, or ``[kv_pool]`` for MLA) into per-layer
-    layer-first tensors (``dst_ptrs``: K layers then V layers), starting at
-    layer ``layer_id``."""
+    tensors ``[slots, ...]`` (``dst_ptrs``: K layers then V layers), starting at
+    layer ``layer_id``. Any row size, any strides."""
     src_list = _tensor_list("src_ptrs", src_ptrs)
     dst_list = _tensor_list("dst_ptrs", dst_ptrs)
     if len(src_list) not in (1, 2) or len(dst_list) % len(src_list):
         raise ValueError(f"dst_ptrs: expected K layers then V layers for {len(src_list)} source "
                          f"pools, got {len(dst_list)} tensors")
     src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
+    src_names = _names("src_ptrs", len(src_list))
+    dst_names = _names("dst_ptrs", len(dst_list))
+    layers = range(_one_layer(layer_id).start, layer_id + len(dst_list) // len(src_list))
 
     def build():
-        layers = range(_one_layer(layer_id).start, layer_id + len(dst_list) // len(src_list))
-        src, item = _direct_pool("src_ptrs", src_list, page_size, layers)
-        dst = _per_layer_rows("dst_ptrs", dst_list, item)
+        src, item = _direct_pools("src_ptrs", src_list, page_size, layers)
+        _same_rows(dst_names, dst_list, item, "a slot of src_ptrs[0]")
+        dst = _per_layer_rows("dst_ptrs", dst_list)
+        if src is None or dst is None:
+            return None
         return _plan(f"direct pfd->lf L{layer_id}", src, dst, 1, item)
-    key = ("direct_pf_lf", _fingerprint(src_list), _fingerprint(dst_list), layer_id, page_size)
-    _run(_cached_plan(key, build, _direct_backend()), _expand_pages(src_idx, page_size, True),
+    tensors = src_list + dst_list
+    key = _key("direct_pf_lf", tensors, (), len(src_list), layer_id, page_size)
+    plan, module = _plan_for(key, tensors, build, direct=True)
+    if plan is None:
+        _copy_pages(src_list, src_names, dst_list, dst_names, layers, src_idx, dst_idx, page_size,
+                    to_pool=False)
+        return
+    _run(plan, module, _expand_pages(src_idx, page_size, True),
          _expand_pages(dst_idx, page_size, False), None, None)
 
 
 def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indices, page_size):
-    """Copy-engine backup from per-layer layer-first tensors (``src_ptrs``: K
-    layers then V layers) into page_first_direct pools (``dst_ptrs``)."""
+    """Copy-engine backup from per-layer tensors ``[slots, ...]`` (``src_ptrs``: K
+    layers then V layers) into page_first_direct pools (``dst_ptrs``). Any row size,
+    any strides."""
     src_list = _tensor_list("src_ptrs", src_ptrs)
     dst_list = _tensor_list("dst_ptrs", dst_ptrs)
     if len(dst_list) not in (1, 2) or len(src_list) % len(dst_list):
         raise ValueError(f"src_ptrs: expected K layers then V layers for {len(dst_list)} "
                          f"destination pools, got {len(src_list)} tensors")
     src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
+    src_names = _names("src_ptrs", len(src_list))
+    dst_names = _names("dst_ptrs", len(dst_list))
+    layers = range(len(src_list) // len(dst_list))
 
     def build():
-        dst, item = _direct_pool("dst_ptrs", dst_list, page_size,
-                                 range(len(src_list) // len(dst_list)))
-        return _plan("direct lf->pfd all", _per_layer_rows("src_ptrs", src_list, item), dst, 1, item)
-    key = ("direct_lf_pf", _fingerprint(src_list), _fingerprint(dst_list), page_size)
-    _run(_cached_plan(key, build, _direct_backend()), _expand_pages(src_idx, page_size, False),
+        dst, item = _direct_pools("dst_ptrs", dst_list, page_size, layers)
+        _same_rows(src_names, src_list, item, "a slot of dst_ptrs[0]")
+        src = _per_layer_rows("src_ptrs", src_list)
+        if src is None or dst is None:
+            return None
+        return _plan("direct lf->pfd all", src, dst, 1, item)
+    tensors = src_list + dst_list
+    plan, module = _plan_for(_key("direct_lf_pf", tensors, (), len(src_list), page_size), tensors,
+                             build, direct=True)
+    if plan is None:
+        _copy_pages(dst_list, dst_names, src_list, src_names, layers, dst_idx, src_idx, page_size,
+                    to_pool=True)
+        return
+    _run(plan, module, _expand_pages(src_idx, page_size, False),
          _expand_pages(dst_idx, page_size, True), None, None)
+
+
+# -- the other two names SGLang imports -------------------------------------------------------
+
+def _int_list(name: str, values) -> list[int]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{name}: expected a list of ints, got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"{name}[{i}]: expected an int, got {type(v).__name__}") from None
+    return out
+
+
+def transfer_embedding_ranges_direct(src, dst, src_starts, dst_starts, lengths) -> None:
+    """Copy row ranges ``src[src_starts[i] : src_starts[i] + lengths[i]]`` to
+    ``dst[dst_starts[i] : ...]`` with no kernel (the copy engines on a GPU), on the
+    current stream.
+
+    ``src`` and ``dst`` are contiguous 2-D tensors ``[rows, dim]`` of one dtype and
+    width, one on a CUDA device and the other in host memory (on a machine without
+    CUDA both may be CPU tensors). A zero length skips its range. Every range is
+    checked before the first is copied.
+    """
+    for name, t in (("src", src), ("dst", dst)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or not t.is_contiguous() or t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}: expected a contiguous 2-D tensor on cpu or cuda, got shape "
+                             f"{list(t.shape)} on {t.device}"
+                             f"{'' if t.is_contiguous() else ' (not contiguous)'}")
+    if dst.dtype != src.dtype or dst.shape[1] != src.shape[1]:
+        raise ValueError(f"dst: expected rows of {src.shape[1]} {src.dtype} like src, got "
+                         f"{dst.shape[1]} {dst.dtype}")
+    if src.is_cuda and dst.is_cuda:
+        raise ValueError(f"dst: expected host memory, since src is on {src.device} (one side on "
+                         f"CUDA, the other in host memory), got {dst.device}")
+    starts = {"src_starts": _int_list("src_starts", src_starts),
+              "dst_starts": _int_list("dst_starts", dst_starts)}
+    sizes = _int_list("lengths", lengths)
+    for name, values in starts.items():
+        if len(values) != len(sizes):
+            raise ValueError(f"{name}: expected {len(sizes)} starts like lengths, got {len(values)}")
+    for i, n in enumerate(sizes):
+        if n < 0:
+            raise ValueError(f"lengths[{i}]: expected a non-negative length, got {n}")
+        for (name, values), t, side in zip(starts.items(), (src, dst), ("src", "dst")):
+            if n and not 0 <= values[i] <= t.shape[0] - n:
+                raise IndexError(f"{name}[{i}]: rows [{values[i]}, {values[i] + n}) are out of "
+                                 f"range for {side} with {t.shape[0]} rows")
+    if not any(sizes) or src.shape[1] == 0:
+        return
+    host = dst if src.is_cuda else src
+    if (src.is_cuda or dst.is_cuda) and not host.is_pinned():
+        # pageable memory no device reaches: one copy per range, staged by CUDA (sgl-kernel's way)
+        for a, b, n in zip(starts["src_starts"], starts["dst_starts"], sizes):
+            if n:
+                dst[b:b + n].copy_(src[a:a + n], non_blocking=True)
+        return
+    # every row of every range as one index, each side; the copy engines merge them back
+    length = torch.tensor(sizes, dtype=torch.int64)
+    first = torch.cumsum(length, 0) - length
+    rows = torch.arange(int(length.sum()), dtype=torch.int64)
+    src_rows = rows + torch.repeat_interleave(torch.tensor(starts["src_starts"]) - first, length)
+    dst_rows = rows + torch.repeat_interleave(torch.tensor(starts["dst_starts"]) - first, length)
+
+    def build():
+        return _plan("embedding ranges", _per_layer_rows("src", [src]),
+                     _per_layer_rows("dst", [dst]), 1, src.shape[1] * src.element_size())
+    plan, module = _plan_for(_key("ranges", (src, dst)), (src, dst), build, direct=True)
+    _run(plan, module, src_rows, dst_rows, None, None)
+
+
+def get_device_accessible_ptr(tensor, device_index) -> int:
+    """The address at which CUDA device ``device_index`` reaches ``tensor``'s data:
+    the tensor's own address when it is on that device, and for pinned (or
+    ``cudaHostRegister``-ed) host memory its device alias, which with CUDA's unified
+    addressing is the host address itself. Pageable host memory has none: an error."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
+    try:
+        index = operator.index(device_index)
+    except TypeError:
+        raise TypeError(f"device_index: expected an int, got {type(device_index).__name__}") from None
+    if index < 0:
+        raise ValueError(f"device_index: expected a non-negative CUDA device index, got {index}")
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"device_index: expected a CUDA device below {count}, got {index}"
+                         + (" (no CUDA device here)" if count == 0 else ""))
+    if tensor.device.type == "cuda":
+        if tensor.device.index != index:
+            raise ValueError(f"tensor: expected a tensor on cuda:{index} or in host memory, got "
+                             f"{tensor.device}")
+        return tensor.data_ptr()
+    if tensor.device.type != "cpu":
+        raise ValueError(f"tensor: expected a tensor on cuda:{index} or in host memory, got "
+                         f"{tensor.device}")
+    if not tensor.is_pinned():
+        raise ValueError("tensor: expected pinned (or registered) host memory, which the device "
+                         "can reach; got pageable memory")
+    return tensor.data_ptr()
