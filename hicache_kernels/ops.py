@@ -233,5 +233,5 @@ def _check_indices(plan: TransferPlan, src_indices, dst_indices, kernel_device,
             f"{names[1]}: expected {out[0].numel()} indices like {names[0]}, got {out[1].numel()}"
         )
     if kernel_device is not None:
-        out = [indices_to(i, kernel_device).contiguous() for i in out]
+        out = [indices_to(i, kernel_device, name).contiguous() for i, name in zip(out, names)]
     return out
