@@ -252,6 +252,8 @@ def test_the_real_module_has_what_the_wrapper_calls():
     assert set(inspect.signature(module._jit_hicache_module).parameters) == {"element_size", "unroll",
                                                                                "block_quota"}
     assert set(inspect.signature(module._jit_hicache_tma_module).parameters) == {"block_quota"}
+    assert set(inspect.signature(module._jit_hicache_staged_module).parameters) == {
+        "element_size", "unroll", "block_quota"}
     for fn in (module.transfer_hicache_all_layer_staged_lf_pf,
                module.transfer_hicache_all_layer_mla_staged_lf_pf):
         assert {"page_size", "block_quota"} <= set(inspect.signature(fn).parameters)

@@ -31,11 +31,13 @@ it uses are imported. ``HICACHE_SGLANG_PEERS=0`` turns the peers off.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import importlib
 import importlib.util
 import os
 import sys
+import time
 import types
 
 import torch
@@ -271,9 +273,33 @@ def main(argv: list[str] | None = None) -> int:
         print("--build: no GPU here")
         return 1
     preset = PRESETS[args.preset]
+    module, why = load_module()
+    if module is None:
+        print(f"--build: {why}")
+        return 1
+    element_size = preset.item_bytes
+    unroll = module._default_unroll(element_size)
+    builds = {  # SGLang's module builders, with each kernel's own block quota
+        "sglang-jit": lambda: module._jit_hicache_module(
+            element_size=element_size, unroll=unroll, block_quota=module.DEFAULT_BLOCK_QUOTA),
+        "sglang-jit-tma": lambda: module._jit_hicache_tma_module(block_quota=module.TMA_BLOCK_QUOTA),
+        "sglang-jit-staged": lambda: module._jit_hicache_staged_module(
+            element_size=element_size, unroll=unroll, block_quota=module.DEFAULT_BLOCK_QUOTA),
+    }
+    failed = 0
+    # nvcc runs on the CPU: the three modules build at once
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(builds)) as pool:
+        started = time.perf_counter()
+        futures = {name: pool.submit(build) for name, build in builds.items() if status(name)[0]}
+        for name, future in futures.items():
+            try:
+                future.result()
+                print(f"{name}: built ({time.perf_counter() - started:.0f} s)")
+            except Exception as exc:  # noqa: BLE001 - reported, the others still build
+                failed += 1
+                print(f"{name}: build FAILED: {type(exc).__name__}: {exc}")
     clock = Clock("cuda")
     pools = Pools(preset, clock, slots=4 * args.page_size * 8, seed=0)
-    failed = 0
     for name in NAMES:
         if not status(name)[0]:
             continue
@@ -284,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(m, Mover):
                     m.fn()
                     torch.cuda.synchronize()
-                print(f"{name} {op} {layout}: {'built' if isinstance(m, Mover) else m}")
+                print(f"{name} {op} {layout}: {'ran' if isinstance(m, Mover) else m}")
             except Exception as exc:  # noqa: BLE001 - reported, the others still build
                 failed += 1
                 print(f"{name} {op} {layout}: FAILED: {type(exc).__name__}: {exc}")
