@@ -37,19 +37,10 @@ name = "cuda"
 # pass. 8 blocks of 8 warps hold what 2 blocks of 32 warps did (256 KiB of
 # loads in flight, enough to carry the host link), each block small enough to
 # share an SM. Whether that disturbs a GEMM less than 2 whole SMs is what
-# ``hicache-bench kernels --under-load --num-warps 8 32`` measures.
+# ``hicache-bench kernels --under-load`` with ``--num-warps 8`` and ``32`` measures.
 DEFAULT_SM_BUDGET = 8
 # 8 warps x 8 x 16-byte loads per thread = 32 KiB in flight per block.
 DEFAULT_NUM_WARPS = 8
-
-
-def grid(sm_budget: int | None, num_warps: int | None) -> tuple[int, int]:
-    """``(most blocks, warps per block)`` the kernel launches for these options
-    (blocks of more than 8 warps run as more blocks of 8)."""
-    blocks, warps = sm_budget or DEFAULT_SM_BUDGET, num_warps or DEFAULT_NUM_WARPS
-    if warps > 8:
-        blocks, warps = blocks * -(-warps // 8), 8
-    return blocks, warps
 
 
 def available() -> tuple[bool, str]:
