@@ -6,6 +6,7 @@ cut at what is left, the later ones get what remains)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -162,3 +163,39 @@ def test_the_smoke_step_names_a_backend_that_moves_wrong_bytes(monkeypatch, caps
     rows = {r["backend"]: r for r in json.loads((tmp_path / "smoke.json").read_text())["rows"]}
     assert rows["good"]["load_ok"] and rows["good"]["backup_ok"]
     assert not (rows["broken"]["load_ok"] and rows["broken"]["backup_ok"])
+
+
+def test_the_block_shape_step_merges_every_run_into_one_csv(tmp_path):
+    """``--blocks`` runs hicache-bench once per block shape and merges their rows
+    (JSON, or JSONL as newer bench versions append) into blocks.csv."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+if args[:2] != ["-m", "hicache_kernels.bench"]:
+    os.execv({sys.executable!r}, [{sys.executable!r}, *args])
+out = Path(args[args.index("--out") + 1])
+out.mkdir(parents=True)
+row = dict(op="load", backend=args[args.index("--backend") + 1], sm_budget=2, blocks="2", gbps=40.5,
+           gbps_under_load=35.25, gemm_slowdown_pct=3.5, verified=True,
+           note=os.environ.get("HICACHE_BULK_SMEM", "-"))
+doc = json.dumps(dict(benchmark="kernels", rows=[row, dict(row, sm_budget=8)]))
+if "warps32" in str(out):
+    (out / "kernels.jsonl").write_text(doc + "\\n")
+else:
+    (out / "kernels.json").write_text(doc)
+""")
+    fake.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run(["bash", str(SCRIPT), "--blocks"], cwd=ROOT, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "WORK": str(work)}, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = list(csv.DictReader((work / "blocks.csv").open()))
+    assert [(r["shape"], r["sm_budget"]) for r in rows] == [
+        (shape, budget) for shape in ("bulk-smem0", "bulk-smem65536", "cuda-warps32", "cuda-warps8")
+        for budget in ("2", "8")]
+    assert {r["note"] for r in rows if r["shape"].startswith("bulk")} == {"0", "65536"}
+    assert all(r["gbps_under_load"] == "35.25" and r["gemm_slowdown_pct"] == "3.5" for r in rows)
+    assert "blocks: 8 rows" in done.stdout
