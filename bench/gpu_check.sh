@@ -34,8 +34,8 @@
 #   manager     (90) pytest -m gpu on the manager's tests (no storage: no nixl there), --maxfail 10
 #   peers      (120) builds SGLang's JIT transfer kernels (warm cache for the suite), when importable
 #   suite      (150) hicache-bench kernels --suite <the suite the CLI offers>
-#   blocks      (90) hicache-bench kernels --under-load: cuda at 8 and 32 warps a block, cuda_bulk
-#                    with its 64 KiB shared-memory cap and with none, sm budgets 2 and 8
+#   blocks      (90) hicache-bench kernels --under-load: cuda with 2, 4 and 8 blocks of 8 warps,
+#                    cuda_bulk with its 64 KiB shared-memory cap and with none (2 and 8 blocks)
 #   sanitizer   (90) compute-sanitizer --tool memcheck on bench/sanitize_subset.py, where it is found
 # extra: quick (kernels --quick), e2e (e2e --quick), cost (bench/test_manager_cost.py).
 #
@@ -75,16 +75,16 @@ if [ "${1:-}" = "--stub" ]; then  # --stub NAME -- CMD...: what a dry run runs i
 fi
 if [ "${1:-}" = "--blocks" ]; then  # one kernels --under-load run per block shape, merged
     mkdir -p "$WORK/blocks"
-    common=(kernels --under-load --op load --layout layer_first --page-size 64 --sm-budget 2 8
+    common=(kernels --under-load --op load --layout layer_first --page-size 64
             --no-baselines --reps 10 --warmup 2 --no-progress)
     status=0
-    for warps in 8 32; do
-        "$PY" -m hicache_kernels.bench "${common[@]}" --backend cuda --num-warps "$warps" \
-            --out "$WORK/blocks/cuda-warps$warps" || status=1
-    done
+    # the register kernel: 2, 4 or 8 blocks of 8 warps (each at most a third of an SM)
+    "$PY" -m hicache_kernels.bench "${common[@]}" --backend cuda --sm-budget 2 4 8 --num-warps 8 \
+        --out "$WORK/blocks/cuda-8warps" || status=1
+    # the bulk kernel: 64 KiB of shared memory a block (its default), or a whole SM's
     for smem in 65536 0; do
         HICACHE_BULK_SMEM=$smem "$PY" -m hicache_kernels.bench "${common[@]}" --backend cuda_bulk \
-            --out "$WORK/blocks/bulk-smem$smem" || status=1
+            --sm-budget 2 8 --out "$WORK/blocks/bulk-smem$smem" || status=1
     done
     "$PY" - "$WORK/blocks" "$WORK/blocks.csv" <<'EOF' || status=1
 import csv, json, sys

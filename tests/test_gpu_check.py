@@ -181,7 +181,7 @@ row = dict(op="load", backend=args[args.index("--backend") + 1], sm_budget=2, bl
            gbps_under_load=35.25, gemm_slowdown_pct=3.5, verified=True,
            note=os.environ.get("HICACHE_BULK_SMEM", "-"))
 doc = json.dumps(dict(benchmark="kernels", rows=[row, dict(row, sm_budget=8)]))
-if "warps32" in str(out):
+if "cuda" in str(out):
     (out / "kernels.jsonl").write_text(doc + "\\n")
 else:
     (out / "kernels.json").write_text(doc)
@@ -194,8 +194,8 @@ else:
     assert done.returncode == 0, done.stdout + done.stderr
     rows = list(csv.DictReader((work / "blocks.csv").open()))
     assert [(r["shape"], r["sm_budget"]) for r in rows] == [
-        (shape, budget) for shape in ("bulk-smem0", "bulk-smem65536", "cuda-warps32", "cuda-warps8")
+        (shape, budget) for shape in ("bulk-smem0", "bulk-smem65536", "cuda-8warps")
         for budget in ("2", "8")]
     assert {r["note"] for r in rows if r["shape"].startswith("bulk")} == {"0", "65536"}
     assert all(r["gbps_under_load"] == "35.25" and r["gemm_slowdown_pct"] == "3.5" for r in rows)
-    assert "blocks: 8 rows" in done.stdout
+    assert "blocks: 6 rows" in done.stdout

@@ -36,8 +36,8 @@ name = "cuda"
 # Blocks when no SM budget is given: transfers share the GPU with the forward
 # pass. 8 blocks of 8 warps hold what 2 blocks of 32 warps did (256 KiB of
 # loads in flight, enough to carry the host link), each block small enough to
-# share an SM. Whether that disturbs a GEMM less than 2 whole SMs is what
-# ``hicache-bench kernels --under-load`` with ``--num-warps 8`` and ``32`` measures.
+# share an SM. What 2, 4 or 8 of them cost a GEMM next to them is what
+# ``hicache-bench kernels --under-load --backend cuda --sm-budget 2 4 8`` measures.
 DEFAULT_SM_BUDGET = 8
 # 8 warps x 8 x 16-byte loads per thread = 32 KiB in flight per block.
 DEFAULT_NUM_WARPS = 8
