@@ -1,6 +1,11 @@
 // The register kernel's work for one tile, written once for the GPU and for
-// the host-side emulation: ``Mem`` supplies the loads and stores (DeviceMem in
-// kernels.cu, a checking memcpy in the emulation test).
+// the host-side emulation. ``Mem`` (DeviceMem in kernels.cu, a checking
+// memcpy in the emulation test) supplies:
+//   load_index(p)         an int64 index or base, read-only;
+//   fresh(v)              v, opaque to the compiler (so a unit's position is
+//                         worked out again instead of held in registers);
+//   load<W, RA>(p, on)    a W-byte unit, nothing read when ``on`` is false;
+//   store<W, RA>(p, u, on)  likewise.
 #pragma once
 
 #include <stdint.h>
