@@ -12,6 +12,7 @@ package ``__init__``) from a stand-in package on disk.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import io
 import sys
 import types
@@ -187,7 +188,8 @@ def test_a_cpu_table_says_not_available_and_why(monkeypatch):
     assert [r["backend"] for r in peers] == list(baselines.NAMES)
     assert all(r["note"] == "not available: sglang is not installed" for r in peers)
     out = io.StringIO()
-    Console(file=out, width=250).print(report.kernels_table(result))
+    wide = {"wide": True} if "wide" in inspect.signature(report.kernels_table).parameters else {}
+    Console(file=out, width=250).print(report.kernels_table(result, **wide))  # with its notes
     text = out.getvalue()
     for name in baselines.NAMES:
         assert name in text
@@ -242,7 +244,6 @@ def test_a_module_that_does_not_import_leaves_nothing_behind(standin):
 
 def test_the_real_module_has_what_the_wrapper_calls():
     """Where sglang is installed: the names and keywords the wrapper uses exist."""
-    import inspect
     baselines.load_module.cache_clear()
     module, why = baselines.load_module()
     baselines.load_module.cache_clear()
