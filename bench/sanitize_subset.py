@@ -1,8 +1,9 @@
 """A short subset of transfers for compute-sanitizer (memcheck), one of each
 kernel path: 16-byte units, 1-byte units (odd fp8 heads), per-head chunks,
 address tables with misaligned bases (run-time alignment checks), the bulk
-kernel, the copy engines (batched, spread over streams, per run), and a replay
-of a captured CUDA graph. Each result is compared with the reference by bytes.
+kernel (capped and uncapped shared memory), 32-warp register blocks, the copy
+engines (batched, spread over streams, per run), and a replay of a captured
+CUDA graph. Each result is compared with the reference by bytes.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitize_subset.py
 
@@ -83,6 +84,32 @@ def run_layouts(backend: str, gen: torch.Generator) -> list[tuple[str, bool]]:
             results.append((dev, back))
         out.append((f"{backend} {what}", _same(results[0][0], results[1][0]) and
                     _same(results[0][1], results[1][1])))
+    return out
+
+
+def run_variants(names: list[str], gen: torch.Generator) -> list[tuple[str, bool]]:
+    """Launch shapes off the defaults: 32-warp blocks of the register kernel (run
+    as 8-warp blocks) and the bulk kernel with no shared-memory cap."""
+    from hicache_kernels.backends import cuda_bulk
+    lay = KVLayout(num_layers=2, num_slots=256, **LAYOUTS["16-byte units"])
+    host = _fill(KVBuffer.allocate(lay, pin_memory=True), gen)
+    s, d = _indices(256, 192, 150, 1, gen)
+    want = _fill(_device_pool(lay, 192), gen, poison=True)
+    Transfer(host, want, layers=1, backend="reference")(s.cuda(), d.cuda())
+    out = []
+    for name, what, opts, smem in (("cuda", "32-warp blocks", dict(sm_budget=2, num_warps=32), None),
+                                   ("cuda_bulk", "no shared-memory cap", {}, 0)):
+        if name not in names:
+            continue
+        saved = cuda_bulk.SMEM_PER_BLOCK
+        cuda_bulk.SMEM_PER_BLOCK = saved if smem is None else smem
+        try:
+            got = _fill(_device_pool(lay, 192), gen, poison=True)
+            Transfer(host, got, layers=1, backend=name, **opts)(s.cuda(), d.cuda())
+            torch.cuda.synchronize()
+        finally:
+            cuda_bulk.SMEM_PER_BLOCK = saved
+        out.append((f"{name} {what}", _same(got, want)))
     return out
 
 
@@ -183,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         results += run_layouts(name, gen)
         results += run_graph(name, gen)
+    results += run_variants(names, gen)
     if "cuda" in names:
         results += run_misaligned_tables(gen)
     if "copy_engine" in names:

@@ -86,6 +86,11 @@ class Transfer:
                  stream: "torch.cuda.Stream | None" = None, check: bool | None = None) -> None:
         """Copy ``src_indices[i] -> dst_indices[i]`` (int64; negative = skip).
 
+        Source and destination slots must not overlap: within one buffer, a slot
+        that is copied from must not also be copied to (the result is undefined).
+        While a CUDA graph is being captured, kernel backends take device indices
+        only (CPU ones would be read from a temporary buffer at every replay).
+
         Args:
             stream: CUDA stream to run on; None means the current stream.
             check: bounds-check the indices. None checks when it is free
@@ -233,5 +238,5 @@ def _check_indices(plan: TransferPlan, src_indices, dst_indices, kernel_device,
             f"{names[1]}: expected {out[0].numel()} indices like {names[0]}, got {out[1].numel()}"
         )
     if kernel_device is not None:
-        out = [indices_to(i, kernel_device).contiguous() for i in out]
+        out = [indices_to(i, kernel_device, name).contiguous() for i, name in zip(out, names)]
     return out

@@ -140,13 +140,17 @@ class TransferPlan:
 # the same addresses always make the same table.
 _TABLE_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 _TABLE_CACHE_SIZE = 4096
+# Per device, a stream of its own for copying new tables (nothing else is queued there).
+_TABLE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 
 
 def address_table(bases: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Plane base addresses as a contiguous int64 tensor on ``device``, cached.
 
-    Warm the cache (run the transfer once) before capturing a CUDA graph: a
-    miss copies a few bytes host->device.
+    A new table is copied from pinned memory on a stream of its own and waited
+    for there, so it is ready for every stream without waiting for work queued
+    on the caller's. It cannot be made during CUDA graph capture: run the
+    transfer once before capturing.
     """
     if isinstance(bases, torch.Tensor):
         table = bases.view(torch.int64) if bases.dtype == torch.uint64 else bases
@@ -154,7 +158,7 @@ def address_table(bases: Sequence[int] | torch.Tensor, device: torch.device) -> 
     key = (device, tuple(bases))
     table = _TABLE_CACHE.get(key)
     if table is None:
-        table = torch.tensor(list(bases), dtype=torch.int64, device=device)
+        table = _new_table(bases, device)
         _TABLE_CACHE[key] = table
         if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
             _TABLE_CACHE.popitem(last=False)
@@ -163,17 +167,47 @@ def address_table(bases: Sequence[int] | torch.Tensor, device: torch.device) -> 
     return table
 
 
-def indices_to(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _new_table(bases: Sequence[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(list(bases), dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"address tables: a new table of {len(host)} plane bases cannot be copied to {device} "
+            "while a CUDA graph is being captured; run the transfer once before capturing")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _TABLE_STREAMS.get(index)
+    if stream is None:
+        stream = _TABLE_STREAMS[index] = torch.cuda.Stream(index)
+    with torch.cuda.stream(stream):
+        table = host.pin_memory().to(device, non_blocking=True)
+    stream.synchronize()  # this copy only: the caller's stream is not waited for
+    return table
+
+
+def indices_to(indices: torch.Tensor, device: torch.device, name: str = "indices") -> torch.Tensor:
     """``indices`` on ``device``, queued on the current stream without blocking the CPU.
 
     From pageable host memory CUDA synchronizes the stream before copying (the CPU
     would wait for everything queued there); from pinned memory the copy is queued,
     and torch keeps the pinned block until it has run.
+
+    CPU indices cannot go to a GPU while a CUDA graph is being captured: the
+    captured copy would read a pinned staging buffer that returns to torch's cache
+    when this call ends, so each replay could copy whatever it holds by then. That
+    raises a RuntimeError naming ``name``, and nothing is copied.
     """
     if indices.device == device:
         return indices
-    if indices.device.type == "cpu" and device.type == "cuda" and not indices.is_pinned():
-        indices = indices.pin_memory()
+    if indices.device.type == "cpu" and device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{name}: CPU indices cannot be used while a CUDA graph is being captured (the "
+                "graph would copy them from a temporary buffer on every replay); pass indices "
+                f"on {device}, a tensor that lives as long as the graph, updated in place before "
+                "each replay")
+        if not indices.is_pinned():
+            indices = indices.pin_memory()
     return indices.to(device, non_blocking=True)
 
 

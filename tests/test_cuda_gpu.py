@@ -10,6 +10,7 @@ missing; only cuda_bulk skips, on GPUs older than sm_90.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 import torch
@@ -187,6 +188,78 @@ def test_copy_engine_refuses_device_indices_during_capture(gen):
     with pytest.raises(RuntimeError, match="during CUDA graph capture pass CPU indices"):
         with torch.cuda.graph(graph):
             load(s, s)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "cuda_bulk", "triton"])
+def test_kernels_refuse_cpu_indices_during_capture(backend, gen):
+    """A captured copy of CPU indices would read a staging buffer that is reused
+    after capture: refused, naming the argument, before anything is captured."""
+    if backend != "triton":
+        require(backend)
+    host = make_host("layer_first", mla=False, dtype=torch.bfloat16, page_size=1, head_dim=64, gen=gen,
+                     pin=True, slots=64)
+    dev = make_device_pool(host, slots=64, device="cuda")
+    load = Transfer(host, dev, layers=0, backend=backend)
+    load(torch.arange(8).cuda(), torch.arange(8).cuda())  # warm: address tables, kernels
+    torch.cuda.synchronize()
+    for t in dev.tensors():
+        poison_(t)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="src_indices: CPU indices cannot be used while a CUDA graph"):
+        with torch.cuda.graph(graph):
+            load(torch.arange(8), torch.arange(8))
+    torch.cuda.synchronize()
+    for t in dev.tensors():
+        assert bool((t.view(torch.uint8) == 0xA5).all()), "nothing may be written"
+
+
+def test_a_new_address_table_does_not_wait_for_the_callers_stream():
+    """A table cache miss copies from pinned memory on a stream of its own, so a
+    busy caller's stream is not waited for, and the table is ready for any stream."""
+    from hicache_kernels import plan as plan_module
+    bases = [1 << 40, (1 << 40) + 4096, (1 << 40) + 8192 + int(torch.randint(1, 1 << 20, ()).item()) * 16]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(2_000_000_000)                 # about a second of earlier work
+        start = time.perf_counter()
+        table = plan_module.address_table(bases, torch.device("cuda", torch.cuda.current_device()))
+        took = time.perf_counter() - start
+    busy = not stream.query()
+    assert table.tolist() == bases
+    stream.synchronize()
+    assert busy, "the sleep finished before the call returned: the test proves nothing"
+    assert took < 0.2, f"the table copy waited {took * 1e3:.0f} ms for the caller's stream"
+
+
+@pytest.mark.parametrize("smem", [0, 65536, 24 * 1024])
+def test_bulk_kernel_under_each_shared_memory_cap(smem, gen, monkeypatch):
+    require("cuda_bulk")
+    from hicache_kernels.backends import cuda_bulk
+    monkeypatch.setattr(cuda_bulk, "SMEM_PER_BLOCK", smem)
+    host = make_host("page_first_direct", mla=False, dtype=torch.bfloat16, page_size=64, head_dim=128,
+                     gen=gen, pin=True, slots=2048, head_num=8)
+    h_idx, d_idx = paged_indices(2048, 1536, 1500, 64, gen)
+    want = load_and_backup("reference", host, h_idx, d_idx, dev_slots=1536)
+    got = load_and_backup("cuda_bulk", host, h_idx, d_idx, dev_slots=1536)
+    assert_buffers_equal(got[0], want[0], "load")
+    assert_buffers_equal(got[1], want[1], "backup")
+
+
+def test_bulk_kernel_refuses_a_cap_too_small_and_writes_nothing(gen, monkeypatch):
+    require("cuda_bulk")
+    from hicache_kernels.backends import cuda_bulk
+    monkeypatch.setattr(cuda_bulk, "SMEM_PER_BLOCK", 1024)
+    host = make_host("layer_first", mla=False, dtype=torch.bfloat16, page_size=1, head_dim=64, gen=gen,
+                     pin=True, slots=64)
+    dev = make_device_pool(host, slots=64, device="cuda")
+    for t in dev.tensors():
+        poison_(t)
+    with pytest.raises(RuntimeError, match="do not fit the 1024 bytes of shared memory a block may have "
+                                           r"here \(smem_cap"):
+        load_layer(host, dev, torch.arange(8).cuda(), torch.arange(8).cuda(), 0, backend="cuda_bulk")
+    torch.cuda.synchronize()
+    for t in dev.tensors():
+        assert bool((t.view(torch.uint8) == 0xA5).all())
 
 
 # -- the copy engines' paths ------------------------------------------------------------------

@@ -219,17 +219,77 @@ def _entry(ptx: str, pattern: str) -> str:
     return m.group(0)
 
 
-def test_register_kernel_has_eight_16_byte_loads_in_flight(tmp_path):
-    """The widest kernel issues all 8 of a thread's 16-byte loads before its first store."""
+DATA_LOAD = r"ld\.global\.L1::no_allocate\.v4\.u32"
+DATA_STORE = r"st\.global\.cg\.v4\.u32"
+
+
+def test_register_kernel_loads_its_indices_then_eight_16_byte_units(tmp_path):
+    """In PTX, the widest kernel loads every index of a tile (two bases, a source
+    and a destination slot per unit) before its first data load, then issues its 8
+    16-byte loads and 8 stores with no branch among them (the out-of-line path
+    for slots of 2^32 and beyond has its own 8 and 8)."""
     ptx = _ptx("compute_90a", tmp_path)
     body = _entry(ptx, r"copy_registers_kernelILi16ELb0E")
-    ops = re.findall(r"ld\.global\.nc\.L1::no_allocate\.v4\.u32|st\.global\.cg\.v4\.u32", body)
-    assert ops == ["ld.global.nc.L1::no_allocate.v4.u32"] * 8 + ["st.global.cg.v4.u32"] * 8, ops
+    ops = re.findall(rf"ld\.global\.nc\.[su]64|{DATA_LOAD}|{DATA_STORE}|\bbra(?:\.uni)?\b|\bcall\b", body)
+    first = next(i for i, op in enumerate(ops) if op.startswith("ld.global.L1"))
+    assert ops[:first].count("ld.global.nc.s64") + ops[:first].count("ld.global.nc.u64") == 18, ops[:first]
+    fast = ops[first:first + 16]
+    assert fast == ["ld.global.L1::no_allocate.v4.u32"] * 8 + ["st.global.cg.v4.u32"] * 8, fast
+    assert ops.count("ld.global.L1::no_allocate.v4.u32") == 16 and ops.count("st.global.cg.v4.u32") == 16
+    assert "@p ld.global.L1::no_allocate.v4.u32" in body, "data loads are predicated, not branched around"
     assert not re.search(r"\b(div|rem)\.[su](32|64)\b", body), \
         "address math by multiply and shift only (64-bit division stays out of line)"
     # the narrower fallbacks use narrower accesses
-    assert "ld.global.nc.L1::no_allocate.v2.u32" in _entry(ptx, r"copy_registers_kernelILi8ELb0E")
-    assert "ld.global.nc.L1::no_allocate.u8" in _entry(ptx, r"copy_registers_kernelILi1ELb0E")
+    assert "ld.global.L1::no_allocate.v2.u32" in _entry(ptx, r"copy_registers_kernelILi8ELb0E")
+    assert "ld.global.L1::no_allocate.u8" in _entry(ptx, r"copy_registers_kernelILi1ELb0E")
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump next to nvcc, on PATH, or the one Triton's package carries."""
+    nvcc = build.find_nvcc()
+    found = [os.path.join(os.path.dirname(nvcc), "cuobjdump")] if nvcc else []
+    found.append(shutil.which("cuobjdump") or "")
+    try:
+        import triton
+        found.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((f for f in found if f and os.access(f, os.X_OK)), None)
+
+
+def _sass_function(lib, name: str) -> tuple[str, str]:
+    """``(SASS, resource usage)`` of one kernel in the library's sm_90a code."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's package) to read the machine code")
+    listed = subprocess.run([tool, "-lelf", str(lib._name)], capture_output=True, text=True).stdout
+    if "sm_90a" not in listed:
+        pytest.skip(f"the library holds no sm_90a code ({listed.split()})")
+    sass = subprocess.run([tool, "-sass", "-arch", "sm_90a", str(lib._name)], capture_output=True,
+                          text=True, check=True).stdout
+    usage = subprocess.run([tool, "-res-usage", "-arch", "sm_90a", str(lib._name)], capture_output=True,
+                           text=True, check=True).stdout
+    m = re.search(r"Function : \S*" + name + r"\S*\n(.*?)(?=\n\s*Function : |\Z)", sass, re.S)
+    u = re.search(r"Function \S*" + name + r"\S*:\n(.*?)\n", usage)
+    assert m and u, f"no {name} in the sm_90a code"
+    return m.group(1), u.group(1)
+
+
+def test_register_kernel_machine_code_issues_its_loads_back_to_back(library):
+    """In the sm_90a machine code: the tile's 18 index loads come first, then the
+    8 16-byte data loads with no branch, call or index load among them, all before
+    the first store; and a block stays small (at most 80 registers a thread, no
+    stack), so 256-thread blocks take at most a third of an SM's registers."""
+    sass, usage = _sass_function(library, r"copy_registers_kernelILi16ELb0E")
+    ops = re.findall(r"\b(LDG\.E\.64\.CONSTANT|LDG\.E\.NA\.128|STG\.E\.128\S*|BRA|CALL\.\S+|BSSY|BSYNC)\b", sass)
+    first = ops.index("LDG.E.NA.128")
+    assert ops[:first].count("LDG.E.64.CONSTANT") == 18, ops[:first]
+    eighth = [i for i, op in enumerate(ops) if op == "LDG.E.NA.128"][7]
+    between = ops[first:eighth + 1]
+    assert between == ["LDG.E.NA.128"] * 8, f"the 8 loads are not back to back: {between}"
+    assert not any(op.startswith("STG") for op in ops[:eighth]), "a store before the 8th load"
+    regs, stack = (int(re.search(rf"{k}:(\d+)", usage).group(1)) for k in ("REG", "STACK"))
+    assert regs <= 80 and stack == 0, usage
 
 
 def test_bulk_kernel_is_bulk_copies_on_sm90_only(tmp_path):

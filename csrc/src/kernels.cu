@@ -67,34 +67,57 @@ __device__ __forceinline__ uint32_t get_bits(const Unit<W>& u, int byte) {
   }
 }
 
+// One W-byte access, predicated: with ``on`` false nothing is read or written
+// (and a load gives zeros), with no branch, so a thread's loads issue back to
+// back. The data loads are coherent (not .nc) on purpose: ptxas then keeps
+// every load of a tile ahead of its stores, which it may not assume to be
+// independent of them, instead of interleaving them to save registers.
+#define HCK_PRED(pred, insn) "{\n .reg .pred p;\n setp.ne.b32 p, %" pred ", 0;\n @p " insn ";\n}"
+
 template <int W>
-__device__ __forceinline__ Unit<W> load_exact(const char* p) {
-  Unit<W> u;
+__device__ __forceinline__ Unit<W> load_exact(const char* p, bool on) {
+  Unit<W> u{};
+  const uint32_t pred = on;
   if constexpr (W == 16) {
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(u.w[0]), "=r"(u.w[1]), "=r"(u.w[2]), "=r"(u.w[3]) : "l"(p));
+    asm volatile(HCK_PRED("5", "ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4]")
+                 : "+r"(u.w[0]), "+r"(u.w[1]), "+r"(u.w[2]), "+r"(u.w[3]) : "l"(p), "r"(pred));
   } else if constexpr (W == 8) {
-    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
-                 : "=r"(u.w[0]), "=r"(u.w[1]) : "l"(p));
+    asm volatile(HCK_PRED("3", "ld.global.L1::no_allocate.v2.u32 {%0, %1}, [%2]")
+                 : "+r"(u.w[0]), "+r"(u.w[1]) : "l"(p), "r"(pred));
   } else if constexpr (W == 4) {
-    u.w[0] = load_word<4>(p);
+    asm volatile(HCK_PRED("2", "ld.global.L1::no_allocate.u32 %0, [%1]") : "+r"(u.w[0]) : "l"(p), "r"(pred));
   } else {
-    u.w[0] = typename Unit<W>::word(load_word<W>(p));
+    unsigned short v = 0;
+    if constexpr (W == 2) {
+      asm volatile(HCK_PRED("2", "ld.global.L1::no_allocate.u16 %0, [%1]") : "+h"(v) : "l"(p), "r"(pred));
+    } else {
+      asm volatile(HCK_PRED("2", "ld.global.L1::no_allocate.u8 %0, [%1]") : "+h"(v) : "l"(p), "r"(pred));
+    }
+    u.w[0] = typename Unit<W>::word(v);
   }
   return u;
 }
 
 template <int W>
-__device__ __forceinline__ void store_exact(char* p, const Unit<W>& u) {
+__device__ __forceinline__ void store_exact(char* p, const Unit<W>& u, bool on) {
+  const uint32_t pred = on;
   if constexpr (W == 16) {
-    asm volatile("st.global.cg.v4.u32 [%0], {%1, %2, %3, %4};"
-                 ::"l"(p), "r"(u.w[0]), "r"(u.w[1]), "r"(u.w[2]), "r"(u.w[3]) : "memory");
+    asm volatile(HCK_PRED("0", "st.global.cg.v4.u32 [%1], {%2, %3, %4, %5}")
+                 ::"r"(pred), "l"(p), "r"(u.w[0]), "r"(u.w[1]), "r"(u.w[2]), "r"(u.w[3]) : "memory");
   } else if constexpr (W == 8) {
-    asm volatile("st.global.cg.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(u.w[0]), "r"(u.w[1]) : "memory");
+    asm volatile(HCK_PRED("0", "st.global.cg.v2.u32 [%1], {%2, %3}")
+                 ::"r"(pred), "l"(p), "r"(u.w[0]), "r"(u.w[1]) : "memory");
+  } else if constexpr (W == 4) {
+    asm volatile(HCK_PRED("0", "st.global.cg.u32 [%1], %2") ::"r"(pred), "l"(p), "r"(u.w[0]) : "memory");
+  } else if constexpr (W == 2) {
+    asm volatile(HCK_PRED("0", "st.global.cg.u16 [%1], %2") ::"r"(pred), "l"(p), "h"((unsigned short)u.w[0])
+                 : "memory");
   } else {
-    store_word<W>(p, uint32_t(u.w[0]));
+    asm volatile(HCK_PRED("0", "st.global.cg.u8 [%1], %2") ::"r"(pred), "l"(p), "h"((unsigned short)u.w[0])
+                 : "memory");
   }
 }
+#undef HCK_PRED
 
 // A W-byte access split into P-byte pieces (P < W, P <= 4).
 template <int W, int P>
@@ -112,11 +135,18 @@ __device__ __forceinline__ void store_pieces(char* p, const Unit<W>& u) {
 
 struct DeviceMem {
   static __device__ __forceinline__ int64_t load_index(const int64_t* p) { return __ldg(p); }
+  // The same value, opaque to the compiler: a unit's position is worked out
+  // again in each step instead of held in registers across the loads.
+  static __device__ __forceinline__ uint32_t fresh(uint32_t v) {
+    asm volatile("mov.b32 %0, %0;" : "+r"(v));
+    return v;
+  }
 
+  // ``on`` false: no access. RUNTIME_ALIGN: split where the address is less aligned than W.
   template <int W, bool RUNTIME_ALIGN>
-  static __device__ __forceinline__ Unit<W> load(const char* p) {
+  static __device__ __forceinline__ Unit<W> load(const char* p, bool on) {
     if constexpr (RUNTIME_ALIGN && W > 1) {
-      const int a = access_width<W>(p);
+      const int a = on ? access_width<W>(p) : W;
       if (a != W) {
         if constexpr (W >= 8) {
           if (a >= 4) return load_pieces<W, 4>(p);
@@ -127,13 +157,13 @@ struct DeviceMem {
         return load_pieces<W, 1>(p);
       }
     }
-    return load_exact<W>(p);
+    return load_exact<W>(p, on);
   }
 
   template <int W, bool RUNTIME_ALIGN>
-  static __device__ __forceinline__ void store(char* p, const Unit<W>& u) {
+  static __device__ __forceinline__ void store(char* p, const Unit<W>& u, bool on) {
     if constexpr (RUNTIME_ALIGN && W > 1) {
-      const int a = access_width<W>(p);
+      const int a = on ? access_width<W>(p) : W;
       if (a != W) {
         if constexpr (W >= 8) {
           if (a >= 4) return store_pieces<W, 4>(p, u);
@@ -144,12 +174,12 @@ struct DeviceMem {
         return store_pieces<W, 1>(p, u);
       }
     }
-    store_exact<W>(p, u);
+    store_exact<W>(p, u, on);
   }
 };
 
 template <int W, bool RUNTIME_ALIGN>
-__global__ void __launch_bounds__(1024) copy_registers_kernel(const RegisterPlan p) {
+__global__ void __launch_bounds__(kMaxRegisterThreads, 3) copy_registers_kernel(const RegisterPlan p) {
   for (uint32_t tile = blockIdx.x; tile < p.total_tiles; tile += gridDim.x) {
     copy_register_tile<W, RUNTIME_ALIGN, DeviceMem>(p, tile, threadIdx.x, blockDim.x);
   }
@@ -213,11 +243,6 @@ struct BulkDeviceOps {
 };
 #endif
 
-// Shared memory: each warp's mbarriers, padded to 128 bytes, then each warp's stages.
-__host__ __device__ inline uint32_t barrier_region(uint32_t warps, uint32_t stages) {
-  return (warps * stages * 8u + 127u) / 128u * 128u;
-}
-
 __global__ void __launch_bounds__(1024) copy_bulk_kernel(const BulkPlan p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) char smem[];
@@ -267,6 +292,8 @@ std::string check_desc(const HckCopyDesc& d) {
     return "alignment: expected a power of two <= 16 dividing chunk_bytes";
   if (d.warps_per_block < 1 || d.warps_per_block > 32) return "warps_per_block: expected 1..32";
   if (d.max_blocks < 1) return "max_blocks: expected >= 1";
+  if (d.stage_bytes < 0 || d.stages < 0 || d.smem_cap < 0)
+    return "stage_bytes, stages, smem_cap: expected >= 0 (0: the default)";
   for (const HckSide* s : {&d.src, &d.dst}) {
     if (s->page_size < 1 || s->page_size > 0x7fffffff) return "page_size: expected 1..2^31-1";
     if (d.n_items > 0 && d.n_planes > 0 && (!s->bases || !s->indices))
@@ -282,9 +309,26 @@ std::string check_desc(const HckCopyDesc& d) {
   return "";
 }
 
-// Largest dynamic shared memory set on the bulk kernel, per device.
+// Per device, asked once: the shared memory a block may have (opt-in), and
+// the largest dynamic shared memory set on the bulk kernel so far.
 std::mutex g_smem_mutex;
+int g_bulk_optin[64] = {0};
 int g_bulk_smem[64] = {0};
+
+int bulk_optin(int device, int* optin) {
+  std::lock_guard<std::mutex> lock(g_smem_mutex);
+  if (device >= 0 && device < 64 && g_bulk_optin[device] > 0) {
+    *optin = g_bulk_optin[device];
+    return 0;
+  }
+  cudaError_t e = cudaDeviceGetAttribute(optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) {
+    set_error(cuda_message(e, "bulk kernel: asking the shared memory a block may have"));
+    return int(e);
+  }
+  if (device >= 0 && device < 64) g_bulk_optin[device] = *optin;
+  return 0;
+}
 
 int ensure_bulk_smem(int device, int bytes) {
   std::lock_guard<std::mutex> lock(g_smem_mutex);
@@ -306,45 +350,35 @@ int launch_bulk(const HckCopyDesc& d, cudaStream_t stream) {
     return HCK_ERR_UNSUPPORTED;
   }
   int optin = 0;
-  cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d.device);
-  if (e != cudaSuccess) {
-    set_error(cuda_message(e, "bulk kernel: asking the shared memory a block may have"));
-    return int(e);
-  }
+  if (int rc = bulk_optin(d.device, &optin)) return rc;
+  const int64_t limit = d.smem_cap > 0 ? std::min<int64_t>(d.smem_cap, optin) : optin;
   const uint32_t warps = uint32_t(d.warps_per_block);
-  const int64_t room = int64_t(optin) - barrier_region(warps, 8);
-  // Defaults: 16 KiB stages (smaller when many warps share the block, so each
-  // still gets 4), and as many stages as fit, at most 8.
-  uint32_t stage_bytes = uint32_t(d.stage_bytes);
-  if (stage_bytes == 0) {
-    stage_bytes = uint32_t(std::min<int64_t>(16384, room / (int64_t(warps) * 4)) / 16 * 16);
-  }
-  if (stage_bytes == 0 || stage_bytes % 16) {
+  const BulkShape shape = bulk_shape(warps, uint32_t(d.stage_bytes), uint32_t(d.stages), limit);
+  if (shape.stage_bytes == 0 || shape.stage_bytes % 16) {
     set_error("stage_bytes: expected a positive multiple of 16");
     return HCK_ERR_INVALID_ARGUMENT;
   }
-  uint32_t stages = uint32_t(d.stages);
-  if (stages == 0) stages = uint32_t(std::min<int64_t>(8, room / (int64_t(warps) * stage_bytes)));
-  const int64_t smem = barrier_region(warps, stages) + int64_t(warps) * stages * stage_bytes;
-  if (stages < kMinBulkStages || smem > optin) {
-    set_error("bulk kernel: " + std::to_string(warps) + " warps x " + std::to_string(stages) +
-              " stages x " + std::to_string(stage_bytes) + " bytes do not fit the " +
-              std::to_string(optin) + " bytes of shared memory a block may have (at least " +
-              std::to_string(kMinBulkStages) + " stages needed)");
+  if (shape.stages < kMinBulkStages || shape.smem > limit) {
+    set_error("bulk kernel: " + std::to_string(warps) + " warps x " + std::to_string(shape.stages) +
+              " stages x " + std::to_string(shape.stage_bytes) + " bytes do not fit the " +
+              std::to_string(limit) + " bytes of shared memory a block may have here (" +
+              (limit < optin ? "smem_cap; the device allows " + std::to_string(optin)
+                             : std::string("the device's limit")) +
+              "); at least " + std::to_string(kMinBulkStages) + " stages are needed");
     return HCK_ERR_INVALID_ARGUMENT;
   }
-  if (int rc = ensure_bulk_smem(d.device, int(smem))) return rc;
-  const int64_t per_launch = bulk_items_per_launch(d, stage_bytes);
+  if (int rc = ensure_bulk_smem(d.device, int(shape.smem))) return rc;
+  const int64_t per_launch = bulk_items_per_launch(d, shape.stage_bytes);
   if (per_launch < 1) {
     set_error("n_chunks, chunk_bytes: one item is too large for one launch");
     return HCK_ERR_INVALID_ARGUMENT;
   }
   for (int64_t first = 0; first < d.n_items; first += per_launch) {
     const int64_t n = std::min(per_launch, d.n_items - first);
-    const BulkPlan p = make_bulk_plan(d, stage_bytes, stages, first, n);
+    const BulkPlan p = make_bulk_plan(d, shape.stage_bytes, shape.stages, first, n);
     if (p.total_tiles == 0) continue;
     const uint32_t blocks = std::min<uint32_t>(uint32_t(d.max_blocks), (p.total_tiles + warps - 1) / warps);
-    copy_bulk_kernel<<<blocks, warps * 32u, size_t(smem), stream>>>(p);
+    copy_bulk_kernel<<<blocks, warps * 32u, size_t(shape.smem), stream>>>(p);
   }
   return 0;
 }
@@ -352,7 +386,8 @@ int launch_bulk(const HckCopyDesc& d, cudaStream_t stream) {
 int launch_registers(const HckCopyDesc& d, cudaStream_t stream) {
   const int width = int(d.alignment);
   const bool runtime_align = !d.bases_known && width > 1;
-  const uint32_t threads = uint32_t(d.warps_per_block) * 32u;
+  const RegisterGrid grid = register_grid(d.warps_per_block, d.max_blocks);
+  const uint32_t threads = grid.threads;
   const int64_t per_launch = register_items_per_launch(d, uint32_t(width), threads);
   if (per_launch < 1) {
     set_error("n_chunks, chunk_bytes: one item is too large for one launch");
@@ -363,7 +398,7 @@ int launch_registers(const HckCopyDesc& d, cudaStream_t stream) {
     const int64_t n = std::min(per_launch, d.n_items - first);
     const RegisterPlan p = make_register_plan(d, uint32_t(width), threads, first, n);
     if (p.total_tiles == 0) continue;
-    const uint32_t blocks = std::min<uint32_t>(uint32_t(d.max_blocks), p.total_tiles);
+    const uint32_t blocks = std::min<uint32_t>(grid.max_blocks, p.total_tiles);
     kernel<<<blocks, threads, 0, stream>>>(p);
   }
   return 0;

@@ -82,19 +82,41 @@ struct Memory {
 };
 static Memory* g_mem = nullptr;
 
-// The register kernel's Mem: checks alignment, bounds and write counts.
+// The register kernel's Mem: checks alignment, bounds and write counts, and
+// the order of a thread's accesses within a tile: every index load (the two
+// plane bases and both slots of each unit) before its first data load, and
+// every data load before its first store, kUnroll of each (accesses that are
+// predicated off count: the device issues them too).
 struct HostMem {
-  static int64_t load_index(const int64_t* p) { return *p; }
+  struct Tile {
+    int phase = 0;  // 0: index loads, 1: data loads, 2: stores
+    int indices = 0, loads = 0, stores = 0;
+  };
+  static Tile tile;
+
+  static int64_t load_index(const int64_t* p) {
+    CHECK(tile.phase == 0, "index load after the tile's first data load");
+    ++tile.indices;
+    return *p;
+  }
+  static uint32_t fresh(uint32_t v) { return v; }
 
   template <int W, bool RUNTIME_ALIGN>
-  static Unit<W> load(const char* p) {
+  static Unit<W> load(const char* p, bool on) {
+    CHECK(tile.phase <= 1, "data load after the tile's first store");
+    tile.phase = 1;
+    ++tile.loads;
     Unit<W> u{};
+    if (!on) return u;
     check_width<W, RUNTIME_ALIGN>(p);
     g_mem->read(&u, p, W);
     return u;
   }
   template <int W, bool RUNTIME_ALIGN>
-  static void store(char* p, const Unit<W>& u) {
+  static void store(char* p, const Unit<W>& u, bool on) {
+    tile.phase = 2;
+    ++tile.stores;
+    if (!on) return;
     check_width<W, RUNTIME_ALIGN>(p);
     g_mem->write(p, &u, W);
   }
@@ -110,6 +132,18 @@ struct HostMem {
     }
   }
 };
+HostMem::Tile HostMem::tile;
+
+// One thread's part of one tile, with the order of its accesses checked.
+template <int W, bool RA>
+static void run_tile(const RegisterPlan& p, uint32_t tile, uint32_t thread, uint32_t threads) {
+  HostMem::tile = {};
+  copy_register_tile<W, RA, HostMem>(p, tile, thread, threads);
+  const HostMem::Tile& t = HostMem::tile;
+  CHECK(t.indices == 2 + 2 * kUnroll && t.loads == kUnroll && t.stores == kUnroll,
+        "a tile made %d index loads, %d loads, %d stores (expected %d, %d, %d)", t.indices, t.loads,
+        t.stores, 2 + 2 * kUnroll, kUnroll, kUnroll);
+}
 
 // The bulk kernel's Ops for one warp emulated as a single lane, with the
 // pipeline protocol checked.
@@ -323,7 +357,12 @@ static void reference_copy(Side& src, Side& dst, int64_t layer_begin, int64_t la
 
 template <int W, bool RA>
 static void run_register_grid(const HckCopyDesc& d, const LaunchLimits& lim) {
-  const uint32_t threads = uint32_t(d.warps_per_block) * 32u;
+  const RegisterGrid grid = register_grid(d.warps_per_block, d.max_blocks);
+  const uint32_t threads = grid.threads;
+  CHECK(threads <= kMaxRegisterThreads && int64_t(threads) * grid.max_blocks >=
+        std::min<int64_t>(int64_t(d.warps_per_block) * 32 * d.max_blocks, 0x7fffffff),
+        "grid of %u x %u threads for %d blocks of %d warps", grid.max_blocks, threads, d.max_blocks,
+        d.warps_per_block);
   const int64_t per_launch = register_items_per_launch(d, W, threads, lim);
   CHECK(per_launch >= 1, "no items per launch");
   if (per_launch < 1) return;
@@ -332,10 +371,10 @@ static void run_register_grid(const HckCopyDesc& d, const LaunchLimits& lim) {
     const RegisterPlan p = make_register_plan(d, W, threads, first, n);
     CHECK(p.units_per_plane <= lim.max_units_per_plane && p.total_tiles <= lim.max_tiles,
           "plan beyond its limits: %u units, %u tiles", p.units_per_plane, p.total_tiles);
-    const uint32_t blocks = std::min<uint32_t>(uint32_t(d.max_blocks), p.total_tiles);
+    const uint32_t blocks = std::min<uint32_t>(grid.max_blocks, p.total_tiles);
     for (uint32_t block = 0; block < blocks; ++block)
       for (uint32_t tile = block; tile < p.total_tiles; tile += blocks)
-        for (uint32_t t = 0; t < threads; ++t) copy_register_tile<W, RA, HostMem>(p, tile, t, threads);
+        for (uint32_t t = 0; t < threads; ++t) run_tile<W, RA>(p, tile, t, threads);
   }
 }
 
@@ -431,7 +470,7 @@ static bool run_case(const Case& c, std::mt19937_64& rng) {
       limits.max_tiles = uint32_t(d.n_planes * pieces * d.n_chunks * k);
     } else {
       const int64_t units = d.n_chunks * (d.chunk_bytes / d.alignment) * k;
-      const int64_t tile_units = int64_t(c.warps) * 32 * kUnroll;
+      const int64_t tile_units = int64_t(register_grid(c.warps, c.max_blocks).threads) * kUnroll;
       limits.max_units_per_plane = uint32_t(units);
       limits.max_tiles = uint32_t(d.n_planes * ((units + tile_units - 1) / tile_units));
     }
@@ -567,12 +606,89 @@ static void check_bulk_tiles() {
     }
 }
 
+// Slots of 2^32 and beyond (the register kernel's out-of-line 64-bit path),
+// mixed with small ones and padding in the same tiles. A side addressed with
+// page_stride 0 maps slot s to item s % page_size of a small buffer, so huge
+// slots address real memory.
+static void check_wide_slots(std::mt19937_64& rng) {
+  for (int trial = 0; trial < 24; ++trial) {
+    const int64_t item = std::initializer_list<int64_t>{6, 16, 48, 2048}.begin()[trial % 4];
+    const int64_t n = 1 + int64_t(rng() % 700);
+    const int64_t src_items = 1 + int64_t(rng() % 9), dst_items = n + int64_t(rng() % 5);
+    std::vector<char> src(size_t(src_items * item + 32)), dst(size_t(dst_items * item + 32), char(0xA5));
+    for (auto& c : src) c = char(rng());
+    std::vector<char> want = dst;
+    char* s0 = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(src.data()) + 15) & ~uintptr_t(15));
+    char* d0 = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(dst.data()) + 15) & ~uintptr_t(15));
+    char* w0 = want.data() + (d0 - dst.data());
+    std::vector<int64_t> s_idx(static_cast<size_t>(n)), d_idx(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t hi = int64_t(rng() % 3) << (32 + rng() % 20);   // 0 or a multiple of 2^32..2^53
+      s_idx[size_t(i)] = rng() % 11 == 0 ? -1 : hi + int64_t(rng() % 1000) * src_items + int64_t(rng() % src_items);
+      // distinct destinations: residue i mod dst_items, some slots wide
+      d_idx[size_t(i)] = rng() % 13 == 0 ? -7 : (int64_t(rng() % 2) << 33) * dst_items + i;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      if (s_idx[size_t(i)] < 0 || d_idx[size_t(i)] < 0) continue;
+      std::memcpy(w0 + (d_idx[size_t(i)] % dst_items) * item, s0 + (s_idx[size_t(i)] % src_items) * item,
+                  size_t(item));
+    }
+    int64_t sb = int64_t(reinterpret_cast<uintptr_t>(s0)), db = int64_t(reinterpret_cast<uintptr_t>(d0));
+    HckCopyDesc d{};
+    d.src = HckSide{&sb, s_idx.data(), src_items, 0, item, 0};
+    d.dst = HckSide{&db, d_idx.data(), dst_items, 0, item, 0};
+    d.n_items = n, d.n_planes = 1, d.n_chunks = 1, d.chunk_bytes = item;
+    d.alignment = pow2_alignment({item, sb, db});
+    d.bases_known = trial % 3 != 0;
+    d.warps_per_block = int32_t(std::initializer_list<int>{1, 4, 8, 32}.begin()[trial % 4]);
+    d.max_blocks = 1 + int32_t(rng() % 5);
+    char name[128];
+    std::snprintf(name, sizeof(name), "wide slots: %lld items of %lld bytes, %lld/%lld per side",
+                  (long long)n, (long long)item, (long long)src_items, (long long)dst_items);
+    g_case = name;
+    Memory mem;
+    std::vector<uint8_t> counts(size_t(dst_items * item), 0);
+    mem.readable.push_back({s0, size_t(src_items * item), nullptr});
+    mem.writable.push_back({d0, size_t(dst_items * item), &counts});
+    g_mem = &mem;
+    run_registers(d, LaunchLimits{});
+    g_mem = nullptr;
+    CHECK(std::memcmp(dst.data(), want.data(), dst.size()) == 0, "bytes differ from the reference");
+  }
+}
+
+// The bulk kernel's shared-memory shape under a cap: within the limit, and the
+// defaults the launcher documents.
+static void check_bulk_shape() {
+  g_case = "bulk_shape";
+  for (uint32_t warps : {1u, 2u, 3u, 4u, 8u, 32u})
+    for (int64_t limit : {int64_t(16384), int64_t(49152), int64_t(65536), int64_t(101376), int64_t(232448)}) {
+      const BulkShape b = bulk_shape(warps, 0, 0, limit);
+      if (b.stages >= kMinBulkStages) {
+        CHECK(b.smem <= limit && b.stage_bytes >= 16 && (b.stage_bytes & (b.stage_bytes - 1)) == 0 &&
+                  b.stage_bytes <= 16384 && b.stages <= 8,
+              "%u warps in %lld bytes: %u stages of %u = %lld", warps, (long long)limit, b.stages,
+              b.stage_bytes, (long long)b.smem);
+      }
+    }
+  // the device's whole opt-in allowance, two pipelines: 16 KiB stages, 7 of them (229,504 B)
+  BulkShape big = bulk_shape(2, 0, 0, 232448);
+  CHECK(big.stage_bytes == 16384 && big.stages == 7 && big.smem == 229504, "uncapped: %u x %u = %lld",
+        big.stages, big.stage_bytes, (long long)big.smem);
+  // capped at 64 KiB: 4 KiB stages, 7 of them per pipeline
+  BulkShape capped = bulk_shape(2, 0, 0, 65536);
+  CHECK(capped.stage_bytes == 4096 && capped.stages == 7 && capped.smem == 57472, "64 KiB cap: %u x %u = %lld",
+        capped.stages, capped.stage_bytes, (long long)capped.smem);
+}
+
 int main(int argc, char** argv) {
   const int n_random = argc > 1 ? std::atoi(argv[1]) : 400;
   std::mt19937_64 rng(20251128);
   check_fast_divmod(rng);
   check_partition();
   check_bulk_tiles();
+  check_bulk_shape();
+  check_wide_slots(rng);
 
   int cases = 0, bulk_cases = 0;
   auto pick = [&](std::initializer_list<int64_t> v) { return *(v.begin() + rng() % v.size()); };
@@ -608,7 +724,7 @@ int main(int argc, char** argv) {
     c.src_misalign = int(rng() % 3 == 0 ? pick({1, 2, 4, 8}) : 0);
     c.dst_misalign = int(rng() % 3 == 0 ? pick({1, 2, 4, 8}) : 0);
     c.bases_known = rng() % 3 != 0;
-    c.warps = int(pick({1, 2, 3, 4, 32}));
+    c.warps = int(pick({1, 2, 3, 4, 8, 12, 16, 32}));
     c.max_blocks = int(pick({1, 2, 3, 7, 1000}));
     c.bulk = rng() % 3 == 0;
     c.stage_bytes = uint32_t(pick({16, 48, 64, 256, 1024, 16384}));

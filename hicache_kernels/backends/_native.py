@@ -21,7 +21,7 @@ __all__ = ["LIB_NAME", "library", "library_path", "device_info", "check", "CopyD
            "Side", "KERNEL_REGISTERS", "KERNEL_BULK", "DeviceInfo", "build_info"]
 
 LIB_NAME = "libhicache_cuda.so"
-ABI_VERSION = 1
+ABI_VERSION = 2
 KERNEL_REGISTERS = 0
 KERNEL_BULK = 1
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ class CopyDesc(ctypes.Structure):
                 ("bases_known", ctypes.c_int32), ("kernel", ctypes.c_int32),
                 ("max_blocks", ctypes.c_int32), ("warps_per_block", ctypes.c_int32),
                 ("device", ctypes.c_int32), ("stage_bytes", ctypes.c_int32),
-                ("stages", ctypes.c_int32), ("reserved", ctypes.c_int32),
+                ("stages", ctypes.c_int32), ("smem_cap", ctypes.c_int32),
                 ("stream", ctypes.c_void_p)]
 
 

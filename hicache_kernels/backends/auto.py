@@ -74,8 +74,8 @@ class AutoDispatch:
         self.last_choice = self.kernel.name
         device = plan.device
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            src_indices = indices_to(src_indices, device)
-            dst_indices = indices_to(dst_indices, device)
+            src_indices = indices_to(src_indices, device, "src_indices")
+            dst_indices = indices_to(dst_indices, device, "dst_indices")
         self.kernel.run(plan, src_indices, dst_indices, sm_budget=sm_budget, num_warps=num_warps,
                         stream=stream)
 

@@ -1,14 +1,24 @@
 """The CUDA backend: the register-staged transfer kernel from ``csrc/``.
 
-Each thread loads 8 units of up to 16 bytes (the widest access the plan's
-alignment allows, narrower where it must) before its first store; the grid
-never exceeds the SM budget. Plane bases come from int64 address tables on the
-GPU; pinned host memory is read and written directly (unified addressing).
-The library is called through ctypes (:mod:`._native`), so this backend works
-with any PyTorch build.
+Each thread loads the source and destination slots of its 8 units, then issues
+8 loads of up to 16 bytes (the widest access the plan's alignment allows,
+narrower where it must) back to back, then stores them; the grid never exceeds
+the SM budget. Plane bases come from int64 address tables on the GPU; pinned
+host memory is read and written directly (unified addressing). The library is
+called through ctypes (:mod:`._native`), so this backend works with any
+PyTorch build.
+
+Launch shape: ``sm_budget`` blocks of ``num_warps`` warps. A block has at most
+8 warps (256 threads, at most 80 registers each: a third of an SM's register
+file), so it can share an SM with the forward pass's blocks; a request for
+larger blocks runs as more 8-warp blocks holding the same threads
+(``sm_budget=2, num_warps=32`` is 8 blocks of 8 warps).
+
+Source and destination slots must not overlap: a copy within one buffer whose
+source and destination items share bytes is undefined.
 
 Example:
-    >>> t = Transfer(host, dev, layers=3, backend="cuda", sm_budget=2, num_warps=32)
+    >>> t = Transfer(host, dev, layers=3, backend="cuda", sm_budget=8, num_warps=8)
     >>> t(host_idx, dev_idx)
 """
 
@@ -24,11 +34,13 @@ from . import _native
 name = "cuda"
 
 # Blocks when no SM budget is given: transfers share the GPU with the forward
-# pass, and the kernel is built to carry the host link from two blocks.
-DEFAULT_SM_BUDGET = 2
-# 32 warps x 8 x 16-byte loads per thread = 128 KiB in flight per block, what a
-# host link with a ~2 us round trip needs per block at ~55 GB/s from two blocks.
-DEFAULT_NUM_WARPS = 32
+# pass. 8 blocks of 8 warps hold what 2 blocks of 32 warps did (256 KiB of
+# loads in flight, enough to carry the host link), each block small enough to
+# share an SM. What 2, 4 or 8 of them cost a GEMM next to them is what
+# ``hicache-bench kernels --under-load --backend cuda --sm-budget 2 4 8`` measures.
+DEFAULT_SM_BUDGET = 8
+# 8 warps x 8 x 16-byte loads per thread = 32 KiB in flight per block.
+DEFAULT_NUM_WARPS = 8
 
 
 def available() -> tuple[bool, str]:
@@ -60,8 +72,9 @@ def run(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Tensor
 
 def launch(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Tensor, *, kernel: int,
            sm_budget: int, num_warps: int, stream: "torch.cuda.Stream | None", backend: str,
-           stage_bytes: int = 0, stages: int = 0) -> None:
-    """Fill the C descriptor for ``plan`` and launch ``kernel`` on ``stream``."""
+           stage_bytes: int = 0, stages: int = 0, smem_cap: int = 0) -> None:
+    """Fill the C descriptor for ``plan`` and launch ``kernel`` on ``stream``
+    (``stage_bytes``, ``stages``, ``smem_cap``: the bulk kernel's, 0 = default)."""
     device = plan.device
     if device.type != "cuda":
         ok, why = _available(kernel)
@@ -97,7 +110,7 @@ def launch(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Ten
         n_items=n_items, n_planes=plan.num_planes, n_chunks=n_chunks, chunk_bytes=chunk_bytes,
         alignment=alignment, bases_known=int(bases_known), kernel=kernel, max_blocks=sm_budget,
         warps_per_block=num_warps, device=device.index, stage_bytes=stage_bytes, stages=stages,
-        stream=torch_stream.cuda_stream,
+        smem_cap=smem_cap, stream=torch_stream.cuda_stream,
     )
     lib = _native.library()[0]
     _native.check(lib.hck_copy_items(ctypes.byref(desc)), f"backend {backend!r}: {plan.label}")

@@ -28,7 +28,7 @@ import torch
 from .. import backends
 from ..layouts import LayoutKind
 from ..nvtx_ranges import nvtx_range
-from . import movers
+from . import baselines, movers
 from .presets import PRESETS, ModelPreset
 from .timing import Clock, machine_info, median, pinned_threads
 
@@ -126,7 +126,7 @@ def sweep(cfg: KernelConfig, *, gpu: bool = False) -> list[Case]:
                         for sm in budgets:
                             cases.append(Case(op, layout, page, cfg.tokens, name, sm,
                                               kind="baseline"))
-    return cases
+    return cases + baselines.cases(cfg, Case)  # SGLang's own kernels, kind "peer"
 
 
 def targets_suite() -> tuple[KernelConfig, list[Case]]:
@@ -159,6 +159,7 @@ def targets_suite() -> tuple[KernelConfig, list[Case]]:
         cases.append(Case("load", lf, 64, 8192, name, 2 if name == "sgl_kernel" else None,
                           kind="baseline", label="baseline"))
     cases.append(Case("load", lf, 64, 8192, "sgl_kernel", 8, kind="baseline", label="baseline"))
+    cases += baselines.cases(replace(cfg, page_sizes=(64,), ops=("load", "backup")), Case)
     return cfg, cases
 
 
@@ -261,6 +262,8 @@ class KernelBench:
 
     def _mover(self, case: Case):
         args = (self.pools, case.op, case.layout, case.page_size, case.tokens)
+        if case.kind == "peer":
+            return baselines.mover(*args, case.backend, case.sm_budget, load_layer=self.load_layer)
         if case.kind == "baseline":
             return movers.baseline(*args, case.backend, case.sm_budget, load_layer=self.load_layer)
         return movers.ours(*args, case.backend, case.sm_budget, num_warps=self.cfg.num_warps,

@@ -7,7 +7,7 @@
 
 #include <stdint.h>
 
-#define HCK_ABI_VERSION 1
+#define HCK_ABI_VERSION 2
 
 /* Return codes of the hck_* functions: 0 is success, a positive value is a
  * cudaError_t, a negative one is ours; hck_last_error() has the sentence. */
@@ -46,14 +46,18 @@ typedef struct HckCopyDesc {
   int64_t alignment;
   int32_t bases_known; /* 0: bases may have any alignment, checked per access */
   int32_t kernel;      /* HCK_KERNEL_* */
-  int32_t max_blocks;  /* the SM budget: the grid never exceeds it */
+  /* The SM budget: at most max_blocks blocks of warps_per_block warps. The
+   * register kernel runs a block of more than 8 warps as several blocks of
+   * 8 (as many more blocks), so its blocks stay small enough to share an SM. */
+  int32_t max_blocks;
   int32_t warps_per_block;
   int32_t device;
-  /* Bulk kernel only, 0 = default: bytes of one shared-memory stage and
-   * stages per pipeline (one pipeline per warp). */
+  /* Bulk kernel only, 0 = default: bytes of one shared-memory stage, stages
+   * per pipeline (one pipeline per warp), and the most shared memory a block
+   * may take (0: as much as the device allows a block). */
   int32_t stage_bytes;
   int32_t stages;
-  int32_t reserved;
+  int32_t smem_cap;
   void* stream; /* cudaStream_t */
 } HckCopyDesc;
 

@@ -15,10 +15,17 @@
 
 namespace hicache {
 
-// Independent loads each thread has in flight before its first store: with
-// 1024 threads that is 128 KiB per block, what a host link with a ~2 us round
-// trip needs per block to carry ~55 GB/s from two blocks.
+// Independent loads each thread has in flight before its first store: 16-byte
+// units make 32 KiB per 256-thread block, so the default grid (8 such blocks)
+// keeps 256 KiB in flight, about twice what a host link with a ~2 us round
+// trip needs to carry ~55 GB/s.
 constexpr int kUnroll = 8;
+
+// Threads in a register-kernel block at most: 8 warps. A larger block asked
+// for runs as several such blocks (register_grid), and a block takes at most
+// a third of an SM's registers (256 threads of at most 80: the kernel is
+// built for 3 blocks an SM), so it can share the SM with other kernels.
+constexpr uint32_t kMaxRegisterThreads = 256;
 
 // Per-launch limits that keep every in-kernel index in 32 bits (tests lower them).
 struct LaunchLimits {
@@ -41,18 +48,26 @@ HCK_HD_COLD int64_t wide_slot_offset(const SidePlan& s, int64_t slot) {
   return (slot / s.page_size) * s.page_stride + (slot % s.page_size) * s.slot_stride;
 }
 
-// Byte offset of a slot's item from its plane's base.
-HCK_HD int64_t slot_offset(const SidePlan& s, int64_t slot) {
-  if (s.page_size == 1) return slot * s.page_stride;
-  if (slot > int64_t(0xffffffff)) return wide_slot_offset(s, slot);
+// Byte offset of a slot below 2^32 from its plane's base (page_size 1 too:
+// FastDivmod(1) gives the slot itself and remainder 0).
+HCK_HD int64_t narrow_slot_offset(const SidePlan& s, uint32_t slot) {
   uint32_t page, in_page;
-  s.page.divmod(uint32_t(slot), page, in_page);
+  s.page.divmod(slot, page, in_page);
   return int64_t(page) * s.page_stride + int64_t(in_page) * s.slot_stride;
 }
 
-// Byte offset of (slot, chunk) + byte from the plane's base.
+// Byte offset of any slot's item from its plane's base.
+HCK_HD int64_t slot_offset(const SidePlan& s, int64_t slot) {
+  if (slot > int64_t(0xffffffff)) return wide_slot_offset(s, slot);
+  return narrow_slot_offset(s, uint32_t(slot));
+}
+
+// Byte offset of (slot, chunk) + byte from the plane's base; WIDE: slots may
+// be 2^32 or more (else the caller has checked that none is).
+template <bool WIDE = true>
 HCK_HD int64_t chunk_offset(const SidePlan& s, int64_t slot, uint32_t chunk, int64_t byte) {
-  return slot_offset(s, slot) + int64_t(chunk) * s.chunk_stride + byte;
+  const int64_t at = WIDE ? slot_offset(s, slot) : narrow_slot_offset(s, uint32_t(slot));
+  return at + int64_t(chunk) * s.chunk_stride + byte;
 }
 
 inline SidePlan make_side(const HckSide& side, int64_t first_item) {
@@ -72,7 +87,8 @@ inline SidePlan make_side(const HckSide& side, int64_t first_item) {
 // Each plane's bytes are cut into units of W bytes (W = the alignment), in
 // order (item, chunk, unit); a tile is threads * kUnroll consecutive units of
 // one plane. Thread t of a block takes units t, t + threads, ... of its tile,
-// so a warp's accesses are adjacent, loads all of them, then stores them.
+// so a warp's accesses are adjacent; it loads the tile's indices, then all of
+// its units, then stores them (copy_registers.h).
 struct RegisterPlan {
   SidePlan src, dst;
   uint32_t unit_bytes;
@@ -85,6 +101,23 @@ struct RegisterPlan {
   FastDivmod chunks;  // by n_chunks
   FastDivmod tiles;   // by tiles_per_plane
 };
+
+// The register kernel's grid for a request of warps_per_block warps and
+// max_blocks blocks: blocks of at most kMaxRegisterThreads threads, more of
+// them when the request's blocks are larger, so the grid holds at least the
+// threads asked for (a 32-warp block runs as 4 blocks of 8 warps).
+struct RegisterGrid {
+  uint32_t threads;     // per block
+  uint32_t max_blocks;  // the grid never exceeds it
+};
+
+inline RegisterGrid register_grid(int32_t warps_per_block, int32_t max_blocks) {
+  const uint32_t asked = uint32_t(warps_per_block) * 32u;
+  if (asked <= kMaxRegisterThreads) return {asked, uint32_t(max_blocks)};
+  const int64_t split = (asked + kMaxRegisterThreads - 1) / kMaxRegisterThreads;
+  const int64_t blocks = int64_t(max_blocks) * split;
+  return {kMaxRegisterThreads, uint32_t(blocks < 0x7fffffff ? blocks : 0x7fffffff)};
+}
 
 // Items per launch so that every index fits the limits (0 if one item cannot).
 inline int64_t register_items_per_launch(const HckCopyDesc& d, uint32_t unit_bytes,
@@ -148,6 +181,42 @@ struct BulkTile {
 // Stages a pipeline keeps; a stage is reloaded only once the stores that read
 // it two tiles earlier are done reading, so stages - 2 tiles load in flight.
 constexpr uint32_t kMinBulkStages = 3;
+
+// Shared memory: each warp's mbarriers, padded to 128 bytes, then each warp's stages.
+HCK_HD uint32_t barrier_region(uint32_t warps, uint32_t stages) {
+  return (warps * stages * 8u + 127u) / 128u * 128u;
+}
+
+// A block's shared memory: ``warps`` pipelines of ``stages`` stages of
+// ``stage_bytes``, ``smem`` bytes in all.
+struct BulkShape {
+  uint32_t stage_bytes;
+  uint32_t stages;
+  int64_t smem;
+};
+
+// The shape for ``warps`` pipelines within ``limit`` bytes of shared memory a
+// block, taking what is given (non-zero) and by default: stages of the largest
+// power of two up to 16 KiB that leaves each pipeline 4 of them, and as many
+// stages as fit, at most 8. The caller checks that the result is usable
+// (stage_bytes a positive multiple of 16, at least kMinBulkStages stages,
+// smem within the limit).
+inline BulkShape bulk_shape(uint32_t warps, uint32_t stage_bytes, uint32_t stages, int64_t limit) {
+  const int64_t room = limit - barrier_region(warps, 8);
+  if (stage_bytes == 0) {
+    int64_t want = room / (int64_t(warps) * 4);
+    if (want > 16384) want = 16384;
+    uint32_t pow2 = 0;
+    for (uint32_t b = 16; int64_t(b) <= want; b *= 2) pow2 = b;
+    stage_bytes = pow2;
+  }
+  if (stages == 0 && stage_bytes > 0) {
+    const int64_t fit = room / (int64_t(warps) * stage_bytes);
+    stages = uint32_t(fit < 8 ? (fit > 0 ? fit : 0) : 8);
+  }
+  const int64_t smem = barrier_region(warps, stages) + int64_t(warps) * stages * stage_bytes;
+  return {stage_bytes, stages, smem};
+}
 
 inline int64_t bulk_items_per_launch(const HckCopyDesc& d, uint32_t stage_bytes,
                                      const LaunchLimits& lim = {}) {
