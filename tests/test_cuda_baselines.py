@@ -244,6 +244,10 @@ def test_a_module_that_does_not_import_leaves_nothing_behind(standin):
 
 def test_the_real_module_has_what_the_wrapper_calls():
     """Where sglang is installed: the names and keywords the wrapper uses exist."""
+    try:
+        import sglang_env  # noqa: F401  (the tests' SGLang: torchvision stand-in on the path)
+    except ImportError as e:   # the GPU machine has SGLang only when its wheels are carried
+        pytest.skip(str(e))
     baselines.load_module.cache_clear()
     module, why = baselines.load_module()
     baselines.load_module.cache_clear()
