@@ -27,7 +27,7 @@ from typing import Hashable, Iterator
 
 import numpy as np
 
-__all__ = ["PageAllocator", "PageEntry", "PageTable", "OutOfPages",
+__all__ = ["PageAllocator", "PageEntry", "PageTable", "OutOfPages", "unhashable_error",
            "DEVICE", "HOST", "LOADING", "BACKING_UP", "FETCHING", "PINNED", "clear_mask"]
 
 FREE, USED, DEFERRED = 0, 1, 2
@@ -63,6 +63,17 @@ def _all_distinct(values: np.ndarray, scratch: np.ndarray) -> bool:
     positions = _arange(n)
     scratch[values] = positions
     return scratch.take(values).tobytes() == positions.tobytes()   # no ufunc: cheaper here
+
+
+def unhashable_error(page_ids) -> TypeError:
+    """The error for ``page_ids`` (a list or tuple) holding an id that cannot be hashed."""
+    for position, page_id in enumerate(page_ids):
+        try:
+            hash(page_id)
+        except TypeError:
+            return TypeError(f"page_ids: expected hashable ids, got {type(page_id).__name__} "
+                             f"at position {position}")
+    return TypeError("page_ids: expected a sequence of hashable ids")
 
 
 class OutOfPages(RuntimeError):
@@ -151,6 +162,10 @@ class PageAllocator:
     def locked(self, pages: np.ndarray) -> np.ndarray:
         """Bool per page: whether a transfer in flight holds it."""
         return self._locks[pages] > 0
+
+    def deferred_pages(self) -> np.ndarray:
+        """The pages freed while locked, waiting for their transfers to end."""
+        return np.flatnonzero(self._state == DEFERRED)
 
     def free_pages(self) -> np.ndarray:
         """The pages an ``alloc`` may hand out next (for invariant checks)."""
@@ -348,8 +363,8 @@ class PageTable:
             return np.fromiter(map(self.index.__getitem__, page_ids), np.intp, len(page_ids))
         except KeyError as exc:
             raise KeyError(f"page_ids: {exc.args[0]!r} is not in the page table") from None
-        except TypeError as exc:
-            raise TypeError(f"page_ids: expected a sequence of hashable ids ({exc})") from None
+        except TypeError:
+            raise unhashable_error(page_ids) from None
 
     def distinct(self, rows: np.ndarray) -> bool:
         return _all_distinct(rows, self.scratch)
