@@ -73,6 +73,25 @@ def test_docs_manager_examples_run(code):
     exec(compile(code, str(DOC), "exec"), {"__name__": "docs_example"})
 
 
+def test_docs_manager_name_no_development_machine():
+    text = DOC.read_text()
+    assert "/work/" not in text and "device=\"cuda\")" not in text
+
+
+def test_lookup_shows_what_synchronize_retired_and_poll_acks_it(gen):
+    """As docs/manager.md says: a transfer shows in flight until it is retired (here by
+    synchronize), and its ack comes from poll."""
+    mgr, dev = make(defer=True)
+    write_pages(mgr, ["a"], gen)
+    op = mgr.backup(["a"])
+    dev.run_all()
+    assert mgr.lookup(["a"]) == [PageState.DEVICE | PageState.HOST | PageState.BACKING_UP]
+    mgr.synchronize()
+    assert mgr.lookup(["a"]) == [PageState.DEVICE | PageState.HOST]
+    assert [(a.kind, a.op_id) for a in mgr.poll()] == [("backup", op)]
+    mgr.close()
+
+
 # -- the round trip, every host layout ------------------------------------------------------------
 
 @pytest.mark.parametrize("host_layout, mla, dtype", [

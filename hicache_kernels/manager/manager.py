@@ -664,14 +664,10 @@ class HiCacheManager:
             rows = np.fromiter(map(table.index.get, ids, repeat(-1)), np.intp, len(ids))
         except TypeError:
             raise unhashable_error(ids) from None
-        known = rows >= 0
-        if known.all():
-            if not table.distinct(rows):
-                raise _repeat_error(ids)
-        else:
+        if not table.distinct(rows):   # (unknown ids, all row -1, may look repeated)
             _check_distinct(ids)
         codes = table.state[rows]
-        codes[~known] = 0
+        codes[rows < 0] = 0
         return list(map(_STATES.__getitem__, codes.tolist()))
 
     def device_indices(self, page_ids: Sequence[Hashable]) -> torch.Tensor:
