@@ -342,10 +342,14 @@ def test_manager_options_are_checked_by_their_own_names():
     with pytest.raises(ValueError, match="host_layout: expected one of layer_first, page_first, "
                                          "page_first_direct, page_head, got 'pages'"):
         make(host_layout="pages")
-    for bad in (-1, float("nan"), "4"):
+    for bad in (-1, float("nan"), float("inf"), "4"):
         with pytest.raises((ValueError, TypeError), match="host_reserve_gb: expected a number of "
                                                           "GiB >= 0"):
             make(host_reserve_gb=bad)
+        lay = KVLayout("page_first", num_layers=1, num_slots=16, head_num=1, head_dim=8,
+                       dtype=torch.bfloat16, page_size=16)
+        with pytest.raises(ValueError, match="reserve_gb: expected a number of GiB >= 0"):
+            HostPool(lay, pin=False, reserve_gb=bad)       # the host pool on its own
     with pytest.raises(MemoryError, match=r"lower hicache_ratio / hicache_size, or host_reserve_gb"):
         make(host_reserve_gb=1e9)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import mmap
 import os
 import platform
@@ -117,7 +118,7 @@ class HostPool:
         self.numa_node = numa_node
         self._registered = False
         if isinstance(reserve_gb, bool) or not isinstance(reserve_gb, (int, float)) \
-                or not reserve_gb >= 0:
+                or not 0 <= reserve_gb < math.inf:
             raise ValueError(f"reserve_gb: expected a number of GiB >= 0, got {reserve_gb!r}")
         check_host_memory(layout, reserve_gb, lower="the layout's size or reserve_gb")
         self._map = self._mmap()
