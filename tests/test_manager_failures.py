@@ -28,6 +28,7 @@ from hicache_kernels import KVBuffer, KVLayout
 from hicache_kernels.manager import (EmulatedDevice, HiCacheManager, HostPool, InMemoryStorage,
                                      OutOfPages, PageState)
 from test_manager import P, make, slots_bytes, write_pages
+from test_manager_fastload import CountingClaimer
 
 DEVICE, HOST = PageState.DEVICE, PageState.HOST
 
@@ -191,6 +192,19 @@ def test_a_load_and_the_write_back_eviction_it_triggers_have_distinct_op_ids(gen
     assert sorted(a.kind for a in acks) == ["backup", "load"]
     assert len({a.op_id for a in acks}) == 2
     assert h.op_id == [a.op_id for a in acks if a.kind == "load"][0]
+    # a load the compiled path takes (a free page, no eviction) gets a fresh id too
+    mgr.evict_device(["h"])
+    dev.run_all()
+    mgr.poll()
+    mgr.free(["b"])
+    if mgr._claimer is not None:
+        mgr._claimer = CountingClaimer(mgr._claimer)
+    h2 = mgr.load(["h"])
+    if mgr._claimer is not None:                           # (built here: test_manager_fastload)
+        assert mgr._claimer.outcomes == {True: 1}, "the compiled path did not take the load"
+    dev.run_all()
+    seen = {a.op_id for a in acks} | {a.op_id for a in mgr.poll()}
+    assert h2.op_id in seen and h2.op_id > max(a.op_id for a in acks) and len(seen) == 3
     mgr.close()
 
 
