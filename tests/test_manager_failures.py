@@ -497,7 +497,6 @@ class FailureMachine(RuleBasedStateMachine):
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
             self.failures += 1
             message = exc.args[0] if exc.args else ""
-            self._last = str(message)
             assert NAMED.match(str(message)), f"{what}: unclear error {type(exc).__name__}: {message}"
             assert_same(before, snapshot(self), f"{what}{args}{kwargs}")
             return None
