@@ -19,6 +19,7 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+	bash .ci/triton_matrix.sh   # the Triton kernel compiled under every supported Triton
 
 clean:
 	rm -rf $(VENV) build *.egg-info
