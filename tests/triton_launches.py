@@ -191,12 +191,13 @@ class _TargetOnly:
 
 @contextlib.contextmanager
 def _target(arch: int):
-    active = driver._active
+    saved = dict(vars(driver))   # how the active driver is held differs between releases
     driver.set_active(_TargetOnly(arch))
     try:
         yield
     finally:
-        driver._active = active
+        vars(driver).clear()
+        vars(driver).update(saved)
 
 
 def compile_launch(jit: JITFunction, launch: Launch, arch: int):
@@ -208,4 +209,5 @@ def compile_launch(jit: JITFunction, launch: Launch, arch: int):
 
 def compiled_count(jit: JITFunction, arch: int) -> int:
     """Distinct specializations ``jit`` has compiled for ``sm_<arch>``."""
-    return len(jit.device_caches[arch][0])
+    caches = jit.device_caches.get(arch)   # (kernel cache, ...) once anything was bound
+    return len(caches[0]) if caches else 0

@@ -61,10 +61,10 @@ def available() -> tuple[bool, str]:
 
 
 # What the JIT specializes on: the constexprs (word, vector, tile shape), num_warps and
-# the anchor's 16-byte alignment (for 16-byte vectors), nothing else. Counts, strides,
-# page sizes and pointers vary with the call or the pool; specializing them (a value
-# of 1, divisibility by 16) would compile a kernel per combination on the hot path, and
-# the explicit multiple_of hints already carry the alignment that matters.
+# the anchor's 16-byte alignment (for 16-byte vectors), nothing else. Counts and pointers
+# change with every call, strides with the pool; specializing them (on a value of 1, on
+# divisibility by 16) would compile a kernel per combination, on the hot path for the
+# counts, and the explicit multiple_of hints already carry the alignment that matters.
 JIT_OPTIONS = dict(do_not_specialize=(
     "anchor_addr", "src_bases", "dst_bases", "src_idx", "dst_idx", "n_rows", "row_tiles",
     "total_tiles", "n_chunks", "chunk_vecs",
