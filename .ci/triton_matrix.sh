@@ -3,10 +3,10 @@
 # launches, for sm_80, sm_90 and sm_100, under each supported Triton other than the one
 # in .venv (the main test run covers that one). No GPU needed.
 #
-# Each version gets its own small venv, .venv/triton-<version>: that Triton, installed
-# through pip's cache (a second run downloads nothing), and everything else linked from
-# .venv (the CPU torch pinned by constraints.txt, pytest, this package). Versions run
-# side by side, one per CPU core.
+# Each version gets its own small venv, .venv/triton-<version>: that Triton, from a wheel
+# downloaded once per machine (~/.cache/hicache-kernels/wheels), and everything else
+# linked from .venv (the CPU torch pinned by constraints.txt, pytest, this package).
+# Versions run side by side, one per CPU core.
 #
 #   bash .ci/triton_matrix.sh              # every version in .ci/triton-versions
 #   bash .ci/triton_matrix.sh 3.6.0        # some of them
@@ -20,7 +20,9 @@ versions=("$@")
 main=$("$PY" -c 'import triton; print(triton.__version__)')
 main_site=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 logs=.venv/triton-matrix-logs
-mkdir -p "$logs"
+# Wheels are kept per machine, outside the checkout, so a fresh clone (CI) downloads nothing.
+wheels=${HICACHE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hicache-kernels/wheels}
+mkdir -p "$logs" "$wheels"
 
 setup() {  # setup VERSION: .venv/triton-VERSION with that Triton and the rest linked from .venv
     local v=$1 env=.venv/triton-$1 site
@@ -32,11 +34,25 @@ setup() {  # setup VERSION: .venv/triton-VERSION with that Triton and the rest l
     done
     if [ ! -d "$site/triton-$v.dist-info" ]; then
         rm -rf "$site"/triton "$site"/triton-*.dist-info
-        grep '^torch==' constraints.txt > "$env/torch-pin.txt"   # never let pip pick a torch
-        "$PY" -m pip install -q --disable-pip-version-check --no-deps -c "$env/torch-pin.txt" \
-            --target "$site" "triton==$v" 2>&1 | grep -v '^WARNING: Location' || true
+        "$PY" -m pip install -q --disable-pip-version-check --no-deps --target "$site" \
+            "$(wheel "$v")" 2>&1 | grep -v '^WARNING: Location' || true
         [ -d "$site/triton-$v.dist-info" ] || { echo "triton $v: install failed" >&2; return 1; }
     fi
+}
+
+wheel() {  # wheel VERSION: the path of its wheel in $wheels, downloaded once per machine
+    local v=$1 tag whl tmp
+    tag=$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+    whl=$(ls "$wheels"/triton-"$v"-"$tag"-*.whl 2>/dev/null | head -n 1)
+    if [ -z "$whl" ]; then
+        tmp=$(mktemp -d "$wheels/.download.XXXXXX")
+        grep '^torch==' constraints.txt > "$tmp/torch-pin.txt"   # never let pip pick a torch
+        "$PY" -m pip download -q --disable-pip-version-check --no-deps -c "$tmp/torch-pin.txt" \
+            -d "$tmp" "triton==$v" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+        mv "$tmp"/triton-"$v"-*.whl "$wheels"/ && rm -rf "$tmp"   # whole files only
+        whl=$(ls "$wheels"/triton-"$v"-"$tag"-*.whl | head -n 1)
+    fi
+    echo "$whl"
 }
 
 check() {  # check VERSION: the compile tests under that Triton; log in $logs/VERSION
@@ -50,8 +66,8 @@ check() {  # check VERSION: the compile tests under that Triton; log in $logs/VE
     echo "triton $v: $([ $rc = 0 ] && echo ok || echo "FAILED (rc $rc)") in $((SECONDS - start)) s: $(tail -n 1 "$logs/$v")"
     return $rc
 }
-export -f setup check
-export PY main_site logs
+export -f setup wheel check
+export PY main_site logs wheels
 
 todo=()
 for v in "${versions[@]}"; do [ "$v" = "$main" ] || todo+=("$v"); done
