@@ -31,6 +31,7 @@ bench: $(STAMP)
 
 test: $(STAMP) $(SGLANG)
 	$(VENV)/bin/python -m pytest -q
+	bash .ci/triton_matrix.sh   # the Triton kernel compiled under every supported Triton
 
 clean:
 	rm -rf $(VENV) build *.egg-info

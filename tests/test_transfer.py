@@ -107,12 +107,14 @@ def run_all_ways(host, n_items, layer, gen, backends=("triton",)):
 
 KINDS_ATTN = [(k, False) for k in LayoutKind] + [(k, True) for k in LayoutKind
                                                   if k is not LayoutKind.PAGE_HEAD]
+PAGE_SIZES = [1, 16, 64]
+HEAD_DIMS = [5, 64]  # 5: items aligned to nothing wider than an element
 
 
 @pytest.mark.parametrize("kind, mla", KINDS_ATTN, ids=lambda v: getattr(v, "value", "mla" if v else "mha"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("page_size", [1, 16, 64])
-@pytest.mark.parametrize("head_dim", [5, 64])
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_load_and_backup_every_layout(kind, mla, dtype, page_size, head_dim, gen):
     host = make_host(kind, mla=mla, dtype=dtype, page_size=page_size, head_dim=head_dim, gen=gen)
     run_all_ways(host, n_items=70, layer=1, gen=gen)
