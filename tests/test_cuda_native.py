@@ -26,7 +26,8 @@ from hicache_kernels.backends import _native
 
 build = build_module()
 SYMBOLS = ["hck_abi_version", "hck_struct_sizes", "hck_last_error", "hck_build_info",
-           "hck_device_count", "hck_probe", "hck_batch_refusal", "hck_copy_items", "hck_memcpy_runs"]
+           "hck_device_count", "hck_probe", "hck_batch_refusal", "hck_copy_items", "hck_copy_prepared",
+           "hck_memcpy_runs"]
 
 
 def _reload_library():

@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 
 from ..plan import PlaneSet, TransferPlan, indices_to
-from . import copy_engine, thresholds
+from . import copy_engine, cuda, thresholds
 
 __all__ = ["choose_on_gpu", "longest_run_bytes", "AutoDispatch"]
 
@@ -78,6 +78,29 @@ class AutoDispatch:
             dst_indices = indices_to(dst_indices, device, "dst_indices")
         self.kernel.run(plan, src_indices, dst_indices, sm_budget=sm_budget, num_warps=num_warps,
                         stream=stream)
+
+
+    def prepare(self, plan: TransferPlan, *, sm_budget: int | None = None,
+                num_warps: int | None = None):
+        """The kernel's prepared launch, for calls with device indices (which
+        always go to the kernel); None when the kernel has none."""
+        prepare = getattr(self.kernel, "prepare", None)
+        if prepare is None:
+            return None
+        launcher = prepare(plan, sm_budget=sm_budget, num_warps=num_warps)
+        launcher.__class__ = _KernelChoice
+        launcher.dispatch = self
+        return launcher
+
+
+class _KernelChoice(cuda.Launcher):
+    """A kernel's prepared launch that notes the choice on its AutoDispatch."""
+
+    dispatch: AutoDispatch
+
+    def __call__(self, *args) -> None:
+        self.dispatch.last_choice = self.dispatch.kernel.name
+        super().__call__(*args)
 
 
 def choose_on_gpu(plan: TransferPlan, get) -> tuple[object, str]:
