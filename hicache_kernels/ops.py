@@ -32,6 +32,7 @@ from types import ModuleType
 import torch
 
 from . import backends
+from . import nvtx_ranges as _nvtx
 from .backends import cuda as _cuda
 from .buffers import KVBuffer
 from .nvtx_ranges import enabled as nvtx_enabled, nvtx_range
@@ -188,29 +189,54 @@ def execute(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Te
 _Tensor = torch.Tensor
 _INT64 = torch.int64
 _UNIT_STRIDE = (1,)
+try:   # the compiled half of launch_prepared (csrc/ops/prepared.c); None: Python does it
+    from . import _prepared as _compiled
+    _compiled.setup(_Tensor, _INT64)
+except ImportError:
+    _compiled = None
 
 
 def launch_prepared(launcher, src_indices, dst_indices, stream=None, check: bool | None = None,
                     events=None) -> bool:
     """Run a prepared launch (``Transfer.launcher()``) when the indices can go
-    straight to its kernel: int64 tensors, 1-D and contiguous, of one length, on
-    the kernel's device, and no bounds check asked for (``check`` True), no NVTX
-    ranges on. Returns False, having done nothing, otherwise: the checked path
-    (:func:`execute`) then takes the call and moves the same bytes (or raises).
+    straight to its kernel: exactly ``torch.Tensor`` s of int64, strides ``(1,)``,
+    of one length, on the kernel's device, and no bounds check asked for (``check``
+    True), no NVTX ranges on. Returns False, having done nothing, otherwise: the
+    checked path (:func:`execute`) then takes the call and moves the same bytes (or
+    raises). The checks and the library call are one compiled call where
+    ``hicache_kernels._prepared`` is built (``csrc/ops/prepared.c``), else Python.
 
     As on the checked path, indices used on a ``stream`` passed explicitly are
     recorded on it (``record_stream``), so that their memory is not reused before
     the stream has read them, however soon the caller drops them.
     """
-    if check or nvtx_enabled():
+    if check or _nvtx._enabled:
         return False
+    index = launcher.index
+    if _compiled is not None:
+        rc = _compiled.launch(launcher.fn_address, launcher.descs_address, launcher.n, index,
+                              src_indices, dst_indices, launcher.raw_stream(stream), events)
+        if rc is False:
+            return False
+        if rc is not True:
+            launcher.check(rc)
+    elif not _launch_in_python(launcher, index, src_indices, dst_indices, stream, events):
+        return False
+    if stream is not None and index >= 0:
+        src_indices.record_stream(stream)
+        dst_indices.record_stream(stream)
+    if launcher.on_launch is not None:
+        launcher.on_launch()
+    return True
+
+
+def _launch_in_python(launcher, index: int, src_indices, dst_indices, stream, events) -> bool:
+    """``launch_prepared``'s checks and call without its compiled half: the same answers."""
     try:
         if (type(src_indices) is not _Tensor or type(dst_indices) is not _Tensor
                 or src_indices.dtype is not _INT64 or dst_indices.dtype is not _INT64
-                or src_indices.stride() != _UNIT_STRIDE or dst_indices.stride() != _UNIT_STRIDE):
-            return False
-        index = launcher.index
-        if src_indices.get_device() != index or dst_indices.get_device() != index:
+                or src_indices.stride() != _UNIT_STRIDE or dst_indices.stride() != _UNIT_STRIDE
+                or src_indices.get_device() != index or dst_indices.get_device() != index):
             return False
         n_items = src_indices.numel()
         if dst_indices.numel() != n_items:
@@ -218,9 +244,6 @@ def launch_prepared(launcher, src_indices, dst_indices, stream=None, check: bool
         src, dst = src_indices.data_ptr(), dst_indices.data_ptr()
     except (RuntimeError, TypeError):   # a sparse or nested tensor: the checked path names it
         return False
-    if stream is not None and index >= 0:
-        src_indices.record_stream(stream)
-        dst_indices.record_stream(stream)
     launcher(src, dst, n_items, stream, events)
     return True
 

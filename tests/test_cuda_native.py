@@ -168,8 +168,10 @@ def test_package_installs_without_nvcc(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "hicache_kernels/ops.py" in names
     assert not [n for n in names if "libhicache_cuda" in n], names
-    # the manager's compiled load path is plain C: built without nvcc too
+    # the manager's compiled load path and the prepared launches' checks are plain C:
+    # built without nvcc too
     assert [n for n in names if n.startswith("hicache_kernels/manager/_fastload")], names
+    assert [n for n in names if n.startswith("hicache_kernels/_prepared")], names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = ("import torch, hicache_kernels as h; from hicache_kernels import backends; "

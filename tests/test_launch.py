@@ -34,9 +34,14 @@ def twin_library(tmp_path_factory):
     return host_twin.Twin(host_twin.build(tmp_path_factory.mktemp("twin")))
 
 
-@pytest.fixture
-def twin(twin_library, monkeypatch):
-    """The ``cuda`` backend on CPU tensors, launching into the twin."""
+@pytest.fixture(params=["compiled", "python"])
+def twin(request, twin_library, monkeypatch):
+    """The ``cuda`` backend on CPU tensors, launching into the twin; the prepared
+    launches' per-call half compiled (csrc/ops/prepared.c) or in Python."""
+    if request.param == "python":
+        monkeypatch.setattr(ops, "_compiled", None)
+    else:
+        assert ops._compiled is not None, "csrc/ops/prepared.c was not built"
     return host_twin.install(monkeypatch, twin_library)
 
 
@@ -159,6 +164,37 @@ def test_strided_indices_and_nvtx_ranges_take_the_checked_path(twin, checked, mo
     monkeypatch.setattr(nvtx_ranges, "_enabled", True)
     t(h_idx, d_idx)
     assert len(checked) == 2, "with NVTX ranges on, each transfer is a range: the checked path"
+
+
+def _decisions(launcher, cases, index):
+    """launch_prepared's answer for each case, with the launcher's device index set."""
+    launcher.index = index
+    try:
+        return [ops.launch_prepared(launcher, src, dst) for src, dst in cases]
+    finally:
+        launcher.index = -1
+
+
+def test_compiled_and_python_checks_give_the_same_answers(twin_library, monkeypatch, gen):
+    """Which index tensors go straight to the kernel: the same in C and in Python."""
+    host_twin.install(monkeypatch, twin_library)
+    twin_library.mode(execute=False)
+    host = make_host("page_first", mla=False, dtype=torch.bfloat16, page_size=4, head_dim=8, gen=gen)
+    launcher = Transfer(host, make_device_pool(host, slots=32), layers=0, backend="cuda").launcher()
+    good = torch.arange(6)
+    cases = [(good, good), (good, torch.arange(5)), (torch.arange(6, dtype=torch.int32), good),
+             (good, torch.arange(12)[::2]), (good.view(2, 3), good.view(2, 3)), (good[:1], good[3:4]),
+             (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)),
+             (torch.tensor(3), torch.tensor(3)), (torch.nn.Parameter(good.float(), False), good),
+             (good.to_sparse(), good), ([0, 1], good), (good, None), (good.expand(6), good),
+             (torch.arange(6).as_strided((6,), (0,)), good)]
+    compiled = _decisions(launcher, cases, -1) + _decisions(launcher, cases[:1], 3)
+    monkeypatch.setattr(ops, "_compiled", None)
+    python = _decisions(launcher, cases, -1) + _decisions(launcher, cases[:1], 3)
+    assert compiled == python
+    assert compiled == [True, False, False, False, False, True, True, False, False, False, False,
+                        False, True, False, False]
+    assert [e[0] for e in twin_library.log()] == [LAUNCH] * 6, "three non-empty launches per path"
 
 
 def test_other_backends_have_no_prepared_launch(gen):

@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 
 from ..plan import PlaneSet, TransferPlan, indices_to
-from . import copy_engine, cuda, thresholds
+from . import copy_engine, thresholds
 
 __all__ = ["choose_on_gpu", "longest_run_bytes", "AutoDispatch"]
 
@@ -88,19 +88,11 @@ class AutoDispatch:
         if prepare is None:
             return None
         launcher = prepare(plan, sm_budget=sm_budget, num_warps=num_warps)
-        launcher.__class__ = _KernelChoice
-        launcher.dispatch = self
+        launcher.on_launch = self._kernel_ran
         return launcher
 
-
-class _KernelChoice(cuda.Launcher):
-    """A kernel's prepared launch that notes the choice on its AutoDispatch."""
-
-    dispatch: AutoDispatch
-
-    def __call__(self, *args) -> None:
-        self.dispatch.last_choice = self.dispatch.kernel.name
-        super().__call__(*args)
+    def _kernel_ran(self) -> None:
+        self.last_choice = self.kernel.name
 
 
 def choose_on_gpu(plan: TransferPlan, get) -> tuple[object, str]:

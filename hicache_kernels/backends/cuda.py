@@ -178,7 +178,8 @@ class Launcher:
     ``launcher(src_ptr, dst_ptr, n_items, stream, events)`` launches on ``stream``
     (a torch stream; None: the current one) with index arrays at ``src_ptr`` and
     ``dst_ptr`` (int64, ``n_items`` each, on :attr:`device`); the caller has checked
-    them (:func:`hicache_kernels.ops.launch_prepared`). :func:`join` makes one launcher
+    them (:func:`hicache_kernels.ops.launch_prepared`, which also calls the library
+    itself, at ``fn_address`` with ``descs_address``, when its compiled half is built). :func:`join` makes one launcher
     of several (one per layer): a call launches each in order, recording
     ``events[i]`` (a ``cudaEvent_t`` array, or None) on the stream after launcher i.
 
@@ -202,12 +203,19 @@ class Launcher:
 
     def _set(self, tgt: Target, descs, what: str, keep: tuple) -> None:
         self.device, self.index, self.n, self.what = tgt.device, tgt.index, len(descs), what
-        self._descs, self._ptr = descs, ctypes.addressof(descs)
-        self._fn, self._lib, self._raw_stream = tgt.lib.hck_copy_prepared, tgt.lib, tgt.raw_stream
-        self._keep = keep   # the base tables the descriptions point to
+        self.raw_stream = tgt.raw_stream
+        self._descs, self.descs_address = descs, ctypes.addressof(descs)
+        self._fn, self._lib = tgt.lib.hck_copy_prepared, tgt.lib
+        self.fn_address = ctypes.cast(self._fn, ctypes.c_void_p).value
+        self._keep = keep     # the base tables the descriptions point to
+        self.on_launch = None  # called after each launch (auto's dispatch notes its choice)
 
     def __call__(self, src_ptr: int, dst_ptr: int, n_items: int, stream=None, events=None) -> None:
-        rc = self._fn(self._ptr, self.n, src_ptr, dst_ptr, n_items, self._raw_stream(stream), events)
+        self.check(self._fn(self.descs_address, self.n, src_ptr, dst_ptr, n_items,
+                            self.raw_stream(stream), events))
+
+    def check(self, rc: int) -> None:
+        """Raise a RuntimeError naming the transfer when the library returned ``rc`` != 0."""
         if rc:
             _native.check(rc, self.what, self._lib)
 
@@ -220,7 +228,7 @@ def join(launchers: Sequence[Launcher], what: str) -> Launcher:
             raise ValueError(f"{what}: expected launchers of one library and device")
     descs = (_native.CopyDesc * sum(l.n for l in launchers))(*[d for l in launchers for d in l._descs])
     joined = Launcher.__new__(Launcher)
-    joined._set(Target(first._lib, first.device, first.index, first._raw_stream), descs, what,
+    joined._set(Target(first._lib, first.device, first.index, first.raw_stream), descs, what,
                 tuple(l._keep for l in launchers))
     return joined
 
