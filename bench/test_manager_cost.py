@@ -394,8 +394,15 @@ def test_next_to_sglangs_controller(stubbed, monkeypatch):
     def backup():
         held["backup"] = ctrl.write(device_slots)
 
-    sglang_load = _time_with_reset(load, reset_load)
-    sglang_backup = _time_with_reset(backup, reset_backup)
+    # one intra-op thread for SGLang's allocators' indexing: on a busy machine torch's
+    # parallel kernels wait milliseconds for a descheduled thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sglang_load = _time_with_reset(load, reset_load)
+        sglang_backup = _time_with_reset(backup, reset_backup)
+    finally:
+        torch.set_num_threads(threads)
     mgr, ids = _launching_manager(stubbed)
     ours_load = _time_with_reset(lambda: mgr.load(ids), lambda: _reset_launched(mgr, ids))
     mgr.free(ids)
