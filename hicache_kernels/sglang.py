@@ -31,7 +31,8 @@ than a call, so plans are cached, under this rule:
 - A cached plan holds addresses and strides, never a tensor: it keeps no pool
   alive. With a CUDA kernel backend the entry also keeps the plan's prepared
   launch (its C description, and the small tables of plane addresses that
-  description points to), so a call with device indices is one C call. Entries of freed allocations are dropped at the next miss;
+  description points to), so a call with device indices is one C call.
+  Entries of freed allocations are dropped at the next miss;
   :func:`clear_plan_cache` drops them all. The reference backend, which indexes
   torch views, gets a plan built from the call's own tensors.
 - An address table is trusted like sgl-kernel trusts it: its values must point
@@ -210,7 +211,8 @@ class _Entry(NamedTuple):
     module: ModuleType | None
     allocations: tuple               # StorageWeakRef of every tensor the key names
     # (block_quota, num_warps, their types) -> the backend's prepared launch (False:
-    # none), made on first use; None for plans that are not cached (reference)
+    # none), made on first use; None for the reference (it is given a plan per call)
+    # and for calls that are not cached
     launchers: dict | None = None
 
     def freed(self) -> bool:
@@ -282,9 +284,10 @@ def _plan_for(key: tuple | None, tensors: Sequence, build, direct: bool = False)
     if plan is not None:
         module, _ = backends.choose(plan, _direct_backend() if direct else _backend())
         check_devices(plan, module)
+    if key is None:   # not cached: no prepared launch either (made for one call, it costs more)
+        return _Entry(plan, module, (), None)
     launchers = None if module is not None and module.name == "reference" else {}
-    if key is not None:
-        _remember(key, _Entry(_without_views(plan), module, _allocations(tensors), launchers))
+    _remember(key, _Entry(_without_views(plan), module, _allocations(tensors), launchers))
     return _Entry(plan, module, (), launchers)
 
 

@@ -197,6 +197,22 @@ def test_compiled_and_python_checks_give_the_same_answers(twin_library, monkeypa
     assert [e[0] for e in twin_library.log()] == [LAUNCH] * 6, "three non-empty launches per path"
 
 
+def test_tables_that_need_converting_keep_the_checked_path(twin, checked, gen):
+    """A plane-base table given as a tensor the kernel cannot read as it is (here
+    strided) is converted per call on the launch's stream by the checked path; it is
+    never converted once for a prepared launch that other streams would read."""
+    host = make_host("page_first", mla=False, dtype=torch.bfloat16, page_size=4, head_dim=8, gen=gen)
+    h_idx, d_idx = paged_indices(host.layout.num_slots, 32, 20, 4, gen)
+    dev = make_device_pool(host, slots=32)
+    t = Transfer(host, dev, layers=1, backend="cuda")
+    bases = torch.tensor(list(t.plan.src.bases), dtype=torch.int64)
+    t.plan.src.bases = torch.stack([bases, bases], 1)[:, 0]       # the same addresses, strided
+    assert t.launcher() is None
+    t(h_idx, d_idx)
+    assert_buffers_equal(dev, reference(host, dev, h_idx, d_idx, 1), "strided table")
+    assert len(checked) == 1 and [e[0] for e in twin.log()] == [LAUNCH]
+
+
 def test_other_backends_have_no_prepared_launch(gen):
     host = make_host("page_first", mla=False, dtype=torch.bfloat16, page_size=4, head_dim=8, gen=gen)
     dev = make_device_pool(host, slots=32)

@@ -88,7 +88,8 @@ class AutoDispatch:
         if prepare is None:
             return None
         launcher = prepare(plan, sm_budget=sm_budget, num_warps=num_warps)
-        launcher.on_launch = self._kernel_ran
+        if launcher is not None:
+            launcher.on_launch = self._kernel_ran
         return launcher
 
     def _kernel_ran(self) -> None:

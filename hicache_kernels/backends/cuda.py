@@ -74,10 +74,11 @@ def run(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Tensor
 
 
 def prepare(plan: TransferPlan, *, sm_budget: int | None = None,
-            num_warps: int | None = None) -> "Launcher":
-    """:func:`run`'s launch for ``plan``, prepared once (see :class:`Launcher`)."""
-    return Launcher(plan, kernel=_native.KERNEL_REGISTERS, sm_budget=sm_budget or DEFAULT_SM_BUDGET,
-                    num_warps=num_warps or DEFAULT_NUM_WARPS, backend=name)
+            num_warps: int | None = None) -> "Launcher | None":
+    """:func:`run`'s launch for ``plan``, prepared once (see :class:`Launcher`), or
+    None where ``plan``'s address tables would have to be converted for the kernel."""
+    return Launcher.of(plan, kernel=_native.KERNEL_REGISTERS, sm_budget=sm_budget or DEFAULT_SM_BUDGET,
+                       num_warps=num_warps or DEFAULT_NUM_WARPS, backend=name)
 
 
 # -- where a launch goes -----------------------------------------------------------------
@@ -183,18 +184,30 @@ class Launcher:
     of several (one per layer): a call launches each in order, recording
     ``events[i]`` (a ``cudaEvent_t`` array, or None) on the stream after launcher i.
 
-    Made on first use, as the tables are: before any CUDA graph capture.
+    Made (by :meth:`of`) on first use, as the tables are: before any CUDA graph capture.
     """
 
-    def __init__(self, plan: TransferPlan, *, kernel: int, sm_budget: int, num_warps: int,
-                 backend: str, stage_bytes: int = 0, stages: int = 0, smem_cap: int = 0):
+    @classmethod
+    def of(cls, plan: TransferPlan, *, kernel: int, sm_budget: int, num_warps: int, backend: str,
+           stage_bytes: int = 0, stages: int = 0, smem_cap: int = 0) -> "Launcher | None":
+        """The launcher, or None where an address table given as a tensor is not usable
+        as it is (int64, contiguous, on the kernel's device): converted once, it would
+        be read later on streams it was not made on, so such plans keep the checked
+        path, which converts it on the launch's own stream each call."""
         tgt = target(plan, kernel, backend)
+        for side in (plan.src, plan.dst):
+            table = side.bases
+            if isinstance(table, torch.Tensor) and (
+                    table.device != tgt.device or table.dtype not in (torch.int64, torch.uint64)
+                    or not table.is_contiguous()):
+                return None
+        return cls(plan, tgt, kernel=kernel, sm_budget=sm_budget, num_warps=num_warps,
+                   backend=backend, stage_bytes=stage_bytes, stages=stages, smem_cap=smem_cap)
+
+    def __init__(self, plan: TransferPlan, tgt: Target, *, kernel: int, sm_budget: int,
+                 num_warps: int, backend: str, stage_bytes: int = 0, stages: int = 0,
+                 smem_cap: int = 0):
         src_bases, dst_bases = _tables(plan, tgt.device, None)
-        converted = [t for t, side in ((src_bases, plan.src), (dst_bases, plan.dst))
-                     if isinstance(side.bases, torch.Tensor) and t.data_ptr() != side.bases.data_ptr()]
-        if converted and tgt.device.type == "cuda":
-            # a table converted on the current stream is read later on any stream
-            torch.cuda.current_stream(tgt.device).synchronize()
         desc = _descriptor(plan, tgt, src_bases, dst_bases, kernel=kernel, sm_budget=sm_budget,
                            num_warps=num_warps, backend=backend, stage_bytes=stage_bytes,
                            stages=stages, smem_cap=smem_cap)

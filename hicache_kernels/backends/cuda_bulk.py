@@ -69,13 +69,13 @@ def run(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Tensor
 
 
 def prepare(plan: TransferPlan, *, sm_budget: int | None = None,
-            num_warps: int | None = None) -> cuda.Launcher:
+            num_warps: int | None = None) -> cuda.Launcher | None:
     """:func:`run`'s launch for ``plan``, prepared once (see :class:`cuda.Launcher`)."""
     if not _bulk(plan):
         return cuda.prepare(plan, sm_budget=sm_budget, num_warps=num_warps)
-    return cuda.Launcher(plan, kernel=_native.KERNEL_BULK, sm_budget=sm_budget or DEFAULT_SM_BUDGET,
-                         num_warps=num_warps or DEFAULT_NUM_WARPS, backend=name,
-                         smem_cap=SMEM_PER_BLOCK)
+    return cuda.Launcher.of(plan, kernel=_native.KERNEL_BULK, sm_budget=sm_budget or DEFAULT_SM_BUDGET,
+                            num_warps=num_warps or DEFAULT_NUM_WARPS, backend=name,
+                            smem_cap=SMEM_PER_BLOCK)
 
 
 def _bulk(plan: TransferPlan) -> bool:
