@@ -1,13 +1,13 @@
 """The manager's own CPU cost: scheduling a layer-wise load, waiting on a layer, and the
 other calls a serving loop makes each step.
 
-Run with ``.venv/bin/python -m pytest -q -s bench/test_manager_cost.py`` (not part of
+Run with ``python -m pytest -q -s bench/test_manager_cost.py`` (not part of
 CI). The device is the CPU emulation with deferred, never-executed copies, so only the
 manager's work is timed: page-table lookups and updates, slot allocation, index tensors,
 events and the launches. Each round runs right after an untimed reset (the previous
 load retired and evicted), as a load runs in a serving loop, after other work.
 
-Targets, for the whole call:
+Targets (on a 2-core development VM), for the whole call:
 
 - ``load()`` of 8192 tokens (128 pages), 32 layers: <= 20 us; one layer no worse
 - ``handle.wait(layer)``: <= 5 us

@@ -300,20 +300,29 @@ def test_manager_refuses_an_object_that_is_not_an_observer():
 
 class TierView(ManagerObserver):
     """What an observer learns: the pages on each tier (a page stored twice on a tier,
-    or removed from one it was never on, is a wrong call)."""
+    or removed from one it was never on, is a wrong call). Storage never announces a
+    removal, and the manager forgets a page that leaves both device and host: a page
+    written to storage again after that may be announced again, no other."""
 
     def __init__(self):
         self.tiers = {"device": set(), "host": set(), "storage": set()}
+        self.forgotten = set()     # in storage, and left the page table since announced
 
     def stored(self, tier, page_ids):
         for i in page_ids:
-            assert i not in self.tiers[tier], f"{i!r} stored on {tier} twice"
+            again = tier == "storage" and i in self.forgotten
+            assert again or i not in self.tiers[tier], f"{i!r} stored on {tier} twice"
             self.tiers[tier].add(i)
+            if tier == "storage":
+                self.forgotten.discard(i)
 
     def removed(self, tier, page_ids):
         for i in page_ids:
             assert i in self.tiers[tier], f"{i!r} removed from {tier}, where it was not"
             self.tiers[tier].remove(i)
+            if i in self.tiers["storage"] and not (i in self.tiers["device"]
+                                                    or i in self.tiers["host"]):
+                self.forgotten.add(i)
 
     def closed(self):
         for pages in self.tiers.values():
@@ -391,7 +400,9 @@ def test_e2e_bench_publishes_kv_events(tmp_path, capsys, monkeypatch):
         seqs.append(int.from_bytes(seq, "big"))
         events.extend(decoder.decode(payload).events)
     sub.close()
-    assert seqs == list(range(len(seqs))) and len(seqs) > 3      # every batch, in order
+    # ZMQ drops what is sent before the subscriber's connection is up (it reconnects every
+    # 100 ms until the bench binds), so the first batches may be missed; the rest all come
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and len(seqs) > 3   # in order, no gap
     kinds = {(type(e).__name__, getattr(e, "medium", None)) for e in events}
     assert {("BlockStored", "GPU"), ("BlockStored", "CPU_TIER1"), ("BlockRemoved", "GPU")} <= kinds
     assert kinds <= {("BlockStored", "GPU"), ("BlockStored", "CPU_TIER1"), ("BlockRemoved", "GPU"),

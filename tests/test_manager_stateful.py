@@ -1,6 +1,8 @@
 """Randomized sequences of manager operations, checked after every step.
 
-The machine allocates pages and writes their KV on the compute stream, hits,
+The machine allocates pages and writes their KV on the compute stream (under
+write_back sometimes on a side stream, named as the producer on the hit that
+follows, as a caller with a separate KV-writing stream would), hits,
 backs up, evicts (both tiers), loads, waits on single layers and reads them on
 the compute stream, pins, polls and frees, while the emulated device runs the
 streams in whatever order their waits allow (``step``). After every step:
@@ -99,8 +101,11 @@ class ManagerMachine(RuleBasedStateMachine):
         for t in self.mgr.host.tensors():
             poison_(t)
         self.compute = self.mgr.compute_stream
+        # a second stream writing KV (write_back: the backup at eviction must wait for it)
+        self.side = self.dev.stream(0, name="side") if not self.on_gpu else None
         self.expected: dict[int, torch.Tensor] = {}   # page id -> bytes [planes*L, P, H, hb]
-        self.writing: set[int] = set()                 # ids whose compute write has not run
+        self.writing: set[int] = set()                 # ids whose KV write has not run
+        self.side_writing: set[int] = set()            # ... of those, the side stream's
         self.handles = []
         self.reads: list[tuple] = []                   # (holder, expected, what)
         self.keepalive: list = []
@@ -118,6 +123,11 @@ class ManagerMachine(RuleBasedStateMachine):
     def _choose(self, k: int, cond):
         ids = self._ids(cond)
         return ids[k % len(ids)] if ids else None
+
+    def _settled(self, e) -> bool:
+        """Not being written by the side stream: the compute stream does not wait for
+        it, so reading or freeing the page now would race with that write."""
+        return e.page_id not in self.side_writing
 
     def _compute_ctx(self):
         return torch.cuda.stream(self.cs) if self.on_gpu else contextlib.nullcontext()
@@ -142,8 +152,9 @@ class ManagerMachine(RuleBasedStateMachine):
         if evict:
             self.mgr.evict_device(ids)
 
-    @rule(seed=pick, hit=st.booleans())
-    def new_page(self, seed, hit):
+    @rule(seed=pick, hit=st.booleans(), side=st.booleans())
+    def new_page(self, seed, hit, side=False):
+        side = side and self.side is not None and self.policy == "write_back"
         page_id = self.next_id
         self.next_id += 1
         try:
@@ -166,7 +177,18 @@ class ManagerMachine(RuleBasedStateMachine):
         def write(stream, slots=slots, payload=payload, page_id=page_id):
             scatter(self.pool, slots, payload)
             self.writing.discard(page_id)
+            self.side_writing.discard(page_id)
 
+        if side:
+            self.side_writing.add(page_id)
+            # the slot's previous page may still be read on the compute stream: a caller
+            # writing on another stream orders it after that work first
+            slot_free = self.dev.event()
+            self.dev.record(slot_free, self.compute)
+            self.dev.wait(self.side, slot_free)
+            self.dev.launch(self.side, write, ("write", page_id))
+            self.mgr.hit([page_id], producer=self.side)   # names the stream that writes it
+            return
         self._on_compute(write, ("write", page_id))
         if self.on_gpu:
             self.writing.discard(page_id)   # ordered on the stream; checked after a sync
@@ -186,7 +208,10 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(k=pick, layer=st.integers(0, GEOM["num_layers"] - 1))
     def read_then_evict(self, k, layer):
         """The scheduler evicts a page right after queueing the forward that reads it."""
-        page_id = self._choose(k, lambda e: e.on_device and e.load is None and not e.pins)
+        page_id = self._choose(k, lambda e: e.on_device and e.load is None and not e.pins
+                               and self._settled(e))
+        if page_id is None:
+            return
         self._read((page_id,), self.mgr.device_indices([page_id]), layer,
                    f"page {page_id} layer {layer}, evicted after the read was queued")
         self.mgr.evict_device([page_id])
@@ -260,7 +285,7 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(k=pick, layer=st.integers(0, GEOM["num_layers"] - 1))
     def read_resident(self, k, layer):
         """Attention over a page that is on the device (its reads stay queued a while)."""
-        page_id = self._choose(k, lambda e: e.on_device and e.load is None)
+        page_id = self._choose(k, lambda e: e.on_device and e.load is None and self._settled(e))
         if page_id is not None:
             self._read((page_id,), self.mgr.device_indices([page_id]), layer,
                        f"resident page {page_id} layer {layer}")
@@ -293,7 +318,7 @@ class ManagerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.mgr.table.entries)
     @rule(k=pick)
     def free(self, k):
-        page_id = self._choose(k, lambda e: not e.pins)
+        page_id = self._choose(k, lambda e: not e.pins and self._settled(e))
         if page_id is not None:
             self.mgr.free([page_id])
             del self.expected[page_id]
@@ -306,9 +331,9 @@ class ManagerMachine(RuleBasedStateMachine):
 
     # -- rules: the device's side ---------------------------------------------------------
     @precondition(lambda self: not self.on_gpu and any(s.ops for s in self.dev.streams))
-    @rule(which=st.integers(0, 2), times=st.integers(1, 3), then_poll=st.booleans())
+    @rule(which=st.integers(0, 3), times=st.integers(1, 3), then_poll=st.booleans())
     def step(self, which, times, then_poll):
-        stream = (self.compute, self.mgr.load_stream, self.mgr.backup_stream)[which]
+        stream = (self.compute, self.mgr.load_stream, self.mgr.backup_stream, self.side)[which]
         for _ in range(times):
             self.dev.step(stream)
         if then_poll:   # a scheduler polls every iteration
@@ -461,6 +486,14 @@ def test_machine_finds_a_missing_rule(rule_name):
         assert "differs" in message or "read wrong bytes" in message, message
     else:
         assert "still uses it" in message or "differs" in message, message
+
+
+def test_machine_finds_a_later_backup_that_ignores_the_producer(monkeypatch):
+    """Under write_back a page written on a side stream is backed up at its eviction,
+    long after the hit that named the producer: that backup must wait for it too."""
+    monkeypatch.setattr(HiCacheManager, "_backups_wait_for", lambda self, producer: None)
+    with pytest.raises(AssertionError, match="host copy differs|read wrong bytes"):
+        run_state_machine_as_test(_machine(policy="write_back"), settings=HUNT)
 
 
 @pytest.mark.parametrize("rule_name", ["device_locked_during_backup", "load_waits_compute"])

@@ -153,6 +153,30 @@ def test_a_page_already_stored_is_not_written_again(tmp_path):
     mgr.close()
 
 
+def test_a_page_the_manager_knows_is_stored_is_not_handed_to_storage_again(tmp_path):
+    """Backed up again after its host copy was evicted (write_through hits it while it
+    is still on the device), or loaded from storage and backed up: storage holds it."""
+    mgr, tier = manager_with_storage(tmp_path)
+    keys = keys_for(2, P, seed=3)
+    data = stored(mgr, keys, seed=3)
+    assert mgr.evict_host(2) == keys
+    mgr.hit(keys)                                # a second backup to host
+    mgr.synchronize(storage=True)
+    assert kinds(mgr.poll()) == ["backup"]       # and no store
+    assert mgr.stats()["storage_stores"] == 1
+    assert torch.equal(read_back(mgr, tmp_path, keys), pool_bytes(mgr.host, mgr.host_indices(keys)))
+    mgr.evict_device(keys)
+    assert mgr.evict_host(2) == keys             # gone from the cache; storage has it
+    assert mgr.prefetch(keys) == tuple(keys)
+    wait_prefetch(mgr, keys)
+    assert torch.equal(loaded_bytes(mgr, keys), data)
+    mgr.hit(keys)
+    mgr.synchronize(storage=True)
+    assert "store" not in kinds(mgr.poll())
+    assert mgr.stats()["storage_stores"] == 1
+    mgr.close()
+
+
 def test_a_second_process_finds_the_pages_the_first_wrote(tmp_path):
     result = run_helper("manager-write", directory=str(tmp_path), host_layout="page_first",
                         pages=3, key_seed=3, data_seed=5)

@@ -244,5 +244,6 @@ def test_the_premise_a_weak_reference_reserves_an_allocations_identity():
         assert ref is None or ref.expired()
         return sum(torch.empty(64, 64).untyped_storage()._cdata == identity for _ in range(50))
 
-    assert reused(hold=False) > 0     # else this test could not tell
+    # else this test could not tell (the allocator's state decides; a few tries find it)
+    assert any(reused(hold=False) > 0 for _ in range(20))
     assert reused(hold=True) == 0

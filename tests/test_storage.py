@@ -76,6 +76,12 @@ def test_page_keys_reject_bad_input():
         page_keys([1, 2**32], 2)
     with pytest.raises(ValueError, match="token_ids"):
         page_keys([-1, 2], 2)
+    key = page_keys([1, 2], 2)[0]
+    for bad in (key[:62], key + "00", "abc", "", key.upper(), 12345, b"\x00" * 32):
+        with pytest.raises(ValueError, match="prior_key: expected None or 64 lowercase hex digits"):
+            page_keys([1, 2], 2, prior_key=bad)
+        with pytest.raises(ValueError, match="prior_key: expected None or 64 lowercase hex digits"):
+            hash_page([1, 2], prior_key=bad)
 
 
 # -- configuration -------------------------------------------------------------
@@ -278,6 +284,30 @@ def test_truncated_page_is_a_miss(tmp_path, size):
     dst = poisoned_host(layout)
     assert open_store(dst, tmp_path).batch_get(keys, page_slots(0, 3, 4)) == [False] * 3
     assert_poisoned(dst, 0, 3)
+
+
+@pytest.mark.parametrize("change", ["one_byte_short", "bytes_appended", "another_layouts_file"])
+def test_a_page_file_of_the_wrong_size_is_a_logged_miss_and_removed(tmp_path, caplog, change):
+    """The lookup (what a prefetch asks first) sees the size: the page is a miss,
+    logged, counted and removed, as for any other corrupt page."""
+    layout, src, keys, store = _written(tmp_path)
+    path = store.page_path(keys[1])
+    if change == "one_byte_short":
+        os.truncate(path, store.file_bytes - 1)
+    elif change == "bytes_appended":
+        with open(path, "ab") as f:
+            f.write(b"\0" * 8)
+    else:   # the same key written by a pool of another layout, copied into this one's place
+        other = open_store(random_host(make_layout("page_first", layers=2)), tmp_path / "other")
+        assert other.batch_set(keys[1:2], page_slots(0, 1, 4)) == [True]
+        assert other.file_bytes != store.file_bytes
+        shutil.copy(other.page_path(keys[1]), path)
+    with caplog.at_level(logging.WARNING, logger="hicache_kernels.storage"):
+        assert store.batch_exists(keys) == 1
+    assert "corrupt" in caplog.text and path in caplog.text
+    assert store.io_stats()["corrupt_pages"] == 1
+    assert not os.path.exists(path), "a page file of the wrong size must not be offered again"
+    assert store.batch_exists(keys) == 1 and store.io_stats()["corrupt_pages"] == 1
 
 
 def test_page_renamed_to_another_key_is_a_miss(tmp_path):

@@ -301,6 +301,24 @@ def test_write_queue_is_bounded():
     assert store.closed
 
 
+def test_a_batch_larger_than_the_write_queue_writes_what_fits():
+    """The bound drops the overflow, not the whole batch: the leading pages (the
+    ones a prefix lookup finds first) are written, the rest are dropped."""
+    keys = keys_for(5, 4)
+    store = GatedStore(misses=set(keys))              # nothing stored yet
+    tier = gated_tier(store, max_pending_writes=3)
+    op = tier.batch_set(keys, pages(0, 5))
+    assert tier.stats()["store_dropped_pages"] == 2
+    assert tier.stats()["store_pending_pages"] == 3
+    store.release(2)                                  # batches of 2 pages: [0, 2), [2, 3)
+    assert tier.flush(WAIT) and op.poll() == [True, True, True, False, False]
+    assert [keys_ for kind, keys_ in store.calls if kind == "set"] == [keys[:2], keys[2:3]]
+    stats = tier.stats()
+    assert stats["store_written_pages"] == 3 and stats["store_failed_pages"] == 0
+    assert stats["store_pending_pages"] == 0
+    tier.detach()
+
+
 def test_a_store_that_cannot_start_gives_a_disabled_tier(caplog):
     def unavailable(host, cfg):
         raise StorageUnavailable("no disk today")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import mmap
 import os
 import platform
@@ -29,7 +30,7 @@ import torch
 from ..buffers import KVBuffer
 from ..layouts import KVLayout
 
-__all__ = ["HostPool", "host_pool_slots", "available_memory_bytes"]
+__all__ = ["HostPool", "host_pool_slots", "available_memory_bytes", "check_host_memory"]
 
 log = logging.getLogger("hicache_kernels.manager")
 
@@ -78,6 +79,18 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def check_host_memory(layout: KVLayout, reserve_gb: float, *, lower: str) -> None:
+    """MemoryError, before any memory is touched, if a host pool of ``layout`` would
+    leave less than ``reserve_gb`` GiB available; ``lower`` names the options to lower."""
+    nbytes = layout.total_bytes
+    available = available_memory_bytes()
+    if nbytes + int(reserve_gb * 2**30) > available:
+        raise MemoryError(
+            f"host pool: needs {nbytes / 2**30:.2f} GiB ({layout.num_slots} tokens) but only "
+            f"{available / 2**30:.2f} GiB is available and {reserve_gb:g} GiB is kept in "
+            f"reserve; lower {lower}")
+
+
 class HostPool:
     """K and V of ``layout`` in one anonymous mapping, pinned when a GPU is present.
 
@@ -104,7 +117,10 @@ class HostPool:
         self.huge_pages = huge_pages
         self.numa_node = numa_node
         self._registered = False
-        self._check_memory(reserve_gb)
+        if isinstance(reserve_gb, bool) or not isinstance(reserve_gb, (int, float)) \
+                or not 0 <= reserve_gb < math.inf:
+            raise ValueError(f"reserve_gb: expected a number of GiB >= 0, got {reserve_gb!r}")
+        check_host_memory(layout, reserve_gb, lower="the layout's size or reserve_gb")
         self._map = self._mmap()
         try:
             # Through a memoryview: every tensor over the pool then holds a buffer export,
@@ -213,16 +229,6 @@ class HostPool:
             pass
 
     # -- setup steps --------------------------------------------------------------------
-    def _check_memory(self, reserve_gb: float) -> None:
-        available = available_memory_bytes()
-        reserve = int(reserve_gb * 2**30)
-        if self.nbytes + reserve > available:
-            raise MemoryError(
-                f"host pool: needs {self.nbytes / 2**30:.2f} GiB ({self.layout.num_slots} tokens) "
-                f"but only {available / 2**30:.2f} GiB is available and {reserve_gb:g} GiB is kept "
-                f"in reserve; lower hicache_ratio / hicache_size (or reserve_gb)"
-            )
-
     def _mmap(self) -> mmap.mmap:
         flags = mmap.MAP_PRIVATE
         size = max(self.nbytes, 1)
@@ -237,6 +243,10 @@ class HostPool:
             raise MemoryError(f"host pool: mmap of {size / 2**30:.2f} GiB failed: {exc}{hint}") from exc
         if self.huge_pages == "transparent":
             mapping.madvise(mmap.MADV_HUGEPAGE)
+        if hasattr(mmap, "MADV_DONTFORK"):
+            # a fork()ed child (a worker, a subprocess before exec) would otherwise get a
+            # copy-on-write mapping of the pool, and copy every pinned page it touches
+            mapping.madvise(mmap.MADV_DONTFORK)
         return mapping
 
     def _register(self, pin: bool | None) -> str:

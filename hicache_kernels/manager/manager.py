@@ -48,7 +48,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
+import numbers
 import time
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, fields
 from itertools import repeat
 from typing import Callable, Hashable, Sequence
@@ -57,15 +60,15 @@ import numpy as np
 import torch
 
 from ..buffers import KVBuffer
-from ..layouts import KVLayout
+from ..layouts import KVLayout, LayoutKind
 from ..nvtx_ranges import enabled as _nvtx_enabled, nvtx_range
 from ..ops import Transfer, prepare_layers
 from ..plan import indices_to
 from .device import CudaDevice, Device, EmulatedDevice
-from .host_pool import HostPool, host_pool_slots
+from .host_pool import HostPool, check_host_memory, host_pool_slots
 from .observer import observer_of
 from .pages import (BACKING_UP, DEVICE, FETCHING, HOST, LOADING, PINNED, OutOfPages,
-                    PageAllocator, PageEntry, PageTable, clear_mask)
+                    PageAllocator, PageEntry, PageTable, clear_mask, unhashable_error)
 from .policy import WritePolicy, device_victims, host_victims
 from .tp import TensorParallel
 
@@ -79,6 +82,8 @@ __all__ = ["HiCacheConfig", "HiCacheManager", "LoadHandle", "Ack", "Eviction", "
 
 log = logging.getLogger("hicache_kernels.manager")
 _NULL = contextlib.nullcontext()
+_NO_ROWS = np.empty(0, dtype=np.intp)
+_NO_ROWS.flags.writeable = False
 
 
 @dataclass
@@ -278,10 +283,10 @@ class LoadHandle(_Op):
     def wait(self, layer: int, stream=None) -> None:
         """Make ``stream`` (default: the current stream) wait until ``layer`` has
         landed; the CPU does not block. Later layers may still be in flight."""
+        if type(layer) is not int or not 0 <= layer < len(self._events):
+            layer = self._layer(layer)
         if self._done:
             return
-        if not 0 <= layer < len(self._events):
-            raise IndexError(f"layer: expected 0 <= layer < {len(self._events)}, got {layer!r}")
         dev = self._device
         if stream is None:
             stream = dev.current_stream()
@@ -298,9 +303,19 @@ class LoadHandle(_Op):
 
     def query(self, layer: int | None = None) -> bool:
         """Whether ``layer`` (default: all) has landed, without blocking."""
+        layer = -1 if layer is None else self._layer(layer)
         if self._done:
             return True
-        return self._device.query(self._events[-1 if layer is None else layer])
+        return self._device.query(self._events[layer])
+
+    def _layer(self, layer) -> int:
+        """``layer`` as an index of this load's layers; TypeError or IndexError names it."""
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"layer: expected an int, got {layer!r}")
+        n = len(self._events)
+        if not 0 <= layer < n:
+            raise IndexError(f"layer: expected 0 <= layer < {n}, got {layer}")
+        return int(layer)
 
     def synchronize(self) -> None:
         """Block the CPU until every layer has landed."""
@@ -330,6 +345,9 @@ class _StorageOp:
         self.host_pages = host_pages
         self.pending = pending        # a sequence of bools, or an object with poll()
         self.host_locked = False
+
+
+_HOST_LAYOUTS = tuple(kind.value for kind in LayoutKind)
 
 
 def _page_size(asked: int | None, device_layout: KVLayout) -> int:
@@ -406,13 +424,68 @@ class _LoadLayers:
         return layers(src, dst, stream=stream if self.cuda else None, events=events, check=False)
 
 
+# not sequences of page ids, though iterable: a string's characters, a tensor's
+# elements (hashed by identity) or a set's arbitrary order would name the wrong pages
+_NOT_PAGE_IDS = (str, bytes, bytearray, memoryview, torch.Tensor, Set, Mapping)
+
+
 def _as_list(page_ids: Sequence[Hashable]) -> list | tuple:
+    """``page_ids`` as a list or tuple; TypeError naming the argument unless it is a
+    sequence of ids (the ids' hashability is checked where they are looked up)."""
+    kind = type(page_ids)
+    if kind is list or kind is tuple:
+        return page_ids
+    if isinstance(page_ids, _NOT_PAGE_IDS):
+        one = " (for one page, pass [page_id])" if isinstance(page_ids, (str, bytes)) else ""
+        raise TypeError(f"page_ids: expected a sequence of page ids, got a {kind.__name__}{one}")
     if isinstance(page_ids, (list, tuple)):
         return page_ids
     try:
         return list(page_ids)
-    except TypeError as exc:
-        raise TypeError(f"page_ids: expected a sequence of hashable ids ({exc})") from None
+    except TypeError:
+        raise TypeError(f"page_ids: expected a sequence of page ids, got {kind.__name__} "
+                        f"{page_ids!r}") from None
+
+
+def _check_distinct(ids: list | tuple) -> None:
+    """Refuse unhashable or repeated ids (for ids that need not be in the table)."""
+    try:
+        if len(set(ids)) == len(ids):
+            return
+    except TypeError:
+        raise unhashable_error(ids) from None
+    raise _repeat_error(ids)
+
+
+def _repeat_error(ids: list | tuple) -> ValueError:
+    seen = set()
+    for page_id in ids:
+        if page_id in seen:
+            return ValueError(f"page_ids: {page_id!r} appears more than once "
+                              f"(a call takes each page once)")
+        seen.add(page_id)
+    raise AssertionError("_repeat_error: no id repeats")
+
+
+def _num_pages(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"num_pages: expected an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"num_pages: expected an int >= 0, got {value!r}")
+    return int(value)
+
+
+def _host_reserve_gb(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"host_reserve_gb: expected a number of GiB >= 0, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"host_reserve_gb: expected a number of GiB >= 0, got {value!r}")
+    return float(value)
+
+
+def _closed_error() -> RuntimeError:
+    return RuntimeError("HiCacheManager: closed (close() freed its host pool); make a new "
+                        "manager to use the cache again")
 
 
 class HiCacheManager:
@@ -461,6 +534,10 @@ class HiCacheManager:
             raise ValueError(f"write_through_threshold: expected a positive int, got {threshold!r}")
         self._threshold = None if self.policy.backs_up_on_evict else \
             (threshold or self.policy.default_threshold())
+        if cfg.host_layout not in _HOST_LAYOUTS:
+            raise ValueError(f"host_layout: expected one of {', '.join(_HOST_LAYOUTS)}, "
+                             f"got {cfg.host_layout!r}")
+        reserve_gb = _host_reserve_gb(cfg.host_reserve_gb)
         self._rules = _Rules()
         self.on_evict = on_evict
         self.storage = storage
@@ -489,8 +566,10 @@ class HiCacheManager:
         host_slots = host_pool_slots(device_pages * P, bytes_per_slot, P,
                                      hicache_ratio=cfg.hicache_ratio, hicache_size=cfg.hicache_size)
         hlay = dlay.with_(kind=cfg.host_layout, num_slots=host_slots, page_size=P)
+        check_host_memory(hlay, reserve_gb, lower="hicache_ratio / hicache_size, or host_reserve_gb")
+        # (the reserve was checked just above, by the names of this manager's options)
         self.host_pool = HostPool(hlay, pin=cfg.pin_memory, huge_pages=cfg.huge_pages,
-                                  numa_node=cfg.numa_node, reserve_gb=cfg.host_reserve_gb)
+                                  numa_node=cfg.numa_node, reserve_gb=0)
         try:
             self._setup(cfg, device, device_pages, host_slots)
         except BaseException:
@@ -564,7 +643,7 @@ class HiCacheManager:
         device pool's device; the model writes the pages' KV there. Raises
         :class:`OutOfPages` when not enough pages can be freed.
         """
-        ids = self._new_ids(page_ids, "page_ids")
+        ids = self._new_ids(page_ids)
         with self._mark("alloc_device", len(ids) * self.page_size):
             pages = self._alloc_device_pages(len(ids))
             self.table.place_device(self.table.add_many(ids), pages)
@@ -579,7 +658,7 @@ class HiCacheManager:
         Returns the int64 token slots (CPU) in the host pool; the pages count as
         on host at once, so fill them before loading them.
         """
-        ids = self._new_ids(page_ids, "page_ids")
+        ids = self._new_ids(page_ids)
         with self._mark("alloc_host", len(ids) * self.page_size):
             pages = self._alloc_host_pages(len(ids))
             if pages is None:
@@ -592,7 +671,7 @@ class HiCacheManager:
 
     def free(self, page_ids: Sequence[Hashable]) -> None:
         """Forget pages on every tier. Slots a transfer still uses are reused only after it."""
-        ids, rows = self._rows(page_ids, distinct=True)
+        ids, rows = self._rows(page_ids)
         pins = self.table.pins[rows]
         if np.count_nonzero(pins):
             i = int(np.flatnonzero(pins)[0])
@@ -601,34 +680,40 @@ class HiCacheManager:
             self._release_rows(rows, remove=True)
 
     def pin(self, page_ids: Sequence[Hashable]) -> None:
-        """Keep pages on the device (a request is using them); counted."""
+        """Keep pages on the device (a request is using them); counted: each pin
+        needs its unpin."""
         _, rows = self._rows(page_ids)
         table = self.table
-        np.add.at(table.pins, rows, 1)     # a repeated id pins twice
+        table.pins[rows] += 1
         table.state[rows] |= PINNED
 
     def unpin(self, page_ids: Sequence[Hashable]) -> None:
         ids, rows = self._rows(page_ids)
         table = self.table
-        # each mention unpins once; refuse before changing anything
-        if table.distinct(rows):
-            short = table.pins[rows] < 1
-        else:
-            _, inverse, mentions = np.unique(rows, return_inverse=True, return_counts=True)
-            short = table.pins[rows] < mentions[inverse]
-        if np.count_nonzero(short):
-            raise ValueError(f"page_ids: {ids[int(np.flatnonzero(short)[0])]!r} is not pinned")
-        np.subtract.at(table.pins, rows, 1)
-        unpinned = rows[table.pins[rows] == 0]
-        table.state[unpinned] &= clear_mask(PINNED)
+        pins = table.pins[rows]
+        if np.count_nonzero(pins < 1):
+            raise ValueError(f"page_ids: {ids[int(np.flatnonzero(pins < 1)[0])]!r} is not pinned")
+        table.pins[rows] = pins - 1
+        table.state[rows[pins == 1]] &= clear_mask(PINNED)
 
     # -- queries ---------------------------------------------------------------------
     def lookup(self, page_ids: Sequence[Hashable]) -> list[PageState]:
-        """Each page's :class:`PageState` (``ABSENT`` when unknown), as of the last
-        :meth:`poll`: a finished transfer shows as in flight until polled."""
+        """Each page's :class:`PageState` (``ABSENT`` when unknown). A transfer
+        shows as in flight until the manager retires it: in :meth:`poll`,
+        :meth:`synchronize`, :meth:`check_prefetch`, or a call that had to wait
+        for it (an allocation waiting for a write-back copy); its ack waits for
+        :meth:`poll`."""
+        if self._closed:
+            raise _closed_error()
         ids = _as_list(page_ids)
-        rows = np.fromiter(map(self.table.index.get, ids, repeat(-1)), np.intp, len(ids))
-        codes = self.table.state[rows]
+        table = self.table
+        try:
+            rows = np.fromiter(map(table.index.get, ids, repeat(-1)), np.intp, len(ids))
+        except TypeError:
+            raise unhashable_error(ids) from None
+        if not table.distinct(rows):   # (unknown ids, all row -1, may look repeated)
+            _check_distinct(ids)
+        codes = table.state[rows]
         codes[rows < 0] = 0
         return list(map(_STATES.__getitem__, codes.tolist()))
 
@@ -646,30 +731,34 @@ class HiCacheManager:
         write policy: write-through policies back up pages that reach their
         threshold. Returns the backup's op id, or None when none started.
 
-        ``producer``: the stream that wrote the pages' KV (default: compute stream).
+        ``producer``: the stream that wrote the pages' KV (default: the compute
+        stream). Every backup of these pages waits for the work queued on it up
+        to this call: this hit's, and a later one (a later hit's, a write_back
+        eviction's), so name it on the hit that follows the write.
         """
         _, rows = self._rows(page_ids)
         table = self.table
-        if not table.distinct(rows):   # a hit counts once, in the order first named
-            rows = rows[np.sort(np.unique(rows, return_index=True)[1])]
         table.hits[rows] += 1
         table.touch_rows(rows)
         if self._observer is not None:
             self._observer.hit("device", int(np.count_nonzero(table.state[rows] & DEVICE)))
         threshold = self._threshold
-        if threshold is None:
-            return None
-        due = rows[(table.hits[rows] >= threshold) & ((table.state[rows] & (DEVICE | HOST)) == DEVICE)]
-        if not len(due):
-            return None
-        with self._mark("hit", len(due) * self.page_size):
-            op = self._backup(due, producer, why=f"{self.policy.value} hit")
+        op = None
+        if threshold is not None:
+            due = rows[(table.hits[rows] >= threshold)
+                       & ((table.state[rows] & (DEVICE | HOST)) == DEVICE)]
+            if len(due):
+                with self._mark("hit", len(due) * self.page_size):
+                    op = self._backup(due, producer, why=f"{self.policy.value} hit")
+        if producer is not None and np.count_nonzero((table.state[rows] & (DEVICE | HOST)) == DEVICE):
+            # pages still without a host copy are backed up later, maybe with no producer named
+            self._backups_wait_for(producer)
         return None if op is None else op.op_id
 
     def backup(self, page_ids: Sequence[Hashable], *, producer=None) -> int | None:
         """Back up device pages that have no host copy yet, whatever the policy.
         Returns the op id (acked by :meth:`poll`), None if all were on host already."""
-        _, rows = self._rows(page_ids, distinct=True)
+        _, rows = self._rows(page_ids)
         table = self.table
         rows = rows[table.host_page[rows] < 0]
         off_device = rows[table.device_page[rows] < 0]
@@ -686,13 +775,19 @@ class HiCacheManager:
 
     # -- eviction ------------------------------------------------------------------------
     def evict_device(self, page_ids: Sequence[Hashable] | None = None, *,
-                     num_pages: int = 0) -> list:
+                     num_pages: int | None = None) -> list:
         """Drop device copies: ``page_ids``, or the ``num_pages`` least recently used
         unpinned ones. Pages without a host copy are backed up first under
-        write_back (their slots are released when the copy completes) and
-        dropped under the write-through policies. Returns the evicted ids."""
+        write_back (their slots are released when the copy completes; a page
+        the host pool has no room for stays on the device) and dropped under
+        the write-through policies. Returns the evicted ids."""
+        if self._closed:
+            raise _closed_error()
+        if (page_ids is None) == (num_pages is None):
+            raise TypeError("evict_device: pass page_ids or num_pages, not both" if page_ids is not None
+                            else "evict_device: pass page_ids or num_pages")
         if page_ids is not None:
-            ids, rows = self._rows(page_ids, distinct=True)
+            ids, rows = self._rows(page_ids)
             state = self.table.state[rows]
             stuck = (state & (DEVICE | LOADING | PINNED)) != DEVICE
             if np.count_nonzero(stuck):
@@ -701,14 +796,16 @@ class HiCacheManager:
                     "loading" if state[i] & LOADING else "pinned"
                 raise ValueError(f"page_ids: {ids[i]!r} cannot leave the device ({why})")
         else:
-            rows = device_victims(self.table, num_pages)
+            rows = device_victims(self.table, _num_pages(num_pages))
         with self._mark("evict_device", len(rows) * self.page_size):
             return self._evict_device(rows)
 
     def evict_host(self, num_pages: int) -> list:
         """Drop the ``num_pages`` least recently used host copies that no transfer
         holds (pages with no device copy first). Returns the evicted ids."""
-        rows = host_victims(self.table, self.host_pages.locked, num_pages)
+        if self._closed:
+            raise _closed_error()
+        rows = host_victims(self.table, self.host_pages.locked, _num_pages(num_pages))
         with self._mark("evict_host", len(rows) * self.page_size):
             return self._evict_host(rows)
 
@@ -720,6 +817,8 @@ class HiCacheManager:
         ``layer``; ``handle.device_indices`` are where the pages land. The CPU
         never blocks (unless the device pool must wait for a write-back copy).
         """
+        if self._closed:
+            raise _closed_error()
         ids = _as_list(page_ids)
         if not ids:
             raise ValueError("page_ids: expected at least one page to load")
@@ -731,16 +830,16 @@ class HiCacheManager:
     def _load(self, ids: list | tuple) -> LoadHandle:
         # The serving loop's hot path. The page-table half is one compiled call
         # in the common case (csrc/manager/fastload.c), else _claim_load.
-        op_id = self._next_op + 1
         ids = tuple(ids)     # the handle's own copy, and fixed under the compiled call
         claimed = np.empty((3, len(ids)), dtype=np.int64)
+        # the compiled call never evicts, so nothing takes an op id before this load's
         if self._claimer is not None and self._claimer.claim(
-                ids, claimed, op_id, self._rules.host_locked_during_load):
+                ids, claimed, self._next_op + 1, self._rules.host_locked_during_load):
+            op_id = self._op_id()
             rows, host_pages, dev_pages = claimed
             backups = ()
         else:
-            rows, host_pages, dev_pages, backups = self._claim_load(ids, op_id)
-        self._next_op = op_id
+            op_id, rows, host_pages, dev_pages, backups = self._claim_load(ids)
         table = self.table
         handle = LoadHandle(op_id, ids, rows, host_pages, dev_pages, table.removals, self)
         handle._host_locked = self._rules.host_locked_during_load
@@ -764,13 +863,14 @@ class HiCacheManager:
                       " by page" if self._by_page else "")
         return handle
 
-    def _claim_load(self, ids: list | tuple, op_id: int) -> tuple:
+    def _claim_load(self, ids: list | tuple) -> tuple:
         """The page-table half of a load: check the pages, take device pages (evicting
-        if needed), lock, and mark the rows loading. Returns ``(rows, host_pages,
-        device_pages, backups)``, the backups being those still filling host copies.
-        Raises, having changed nothing, when a page cannot be loaded."""
+        if needed), take an op id (after any write_back eviction took its own), lock,
+        and mark the rows loading. Returns ``(op_id, rows, host_pages, device_pages,
+        backups)``, the backups being those still filling host copies. Raises, having
+        changed nothing, when a page cannot be loaded or the device pool has no room."""
         table = self.table
-        rows = table.resolve(ids)
+        rows = self._resolve(ids)
         n = len(rows)
         state = table.state.take(rows)
         # validate everything before changing anything
@@ -794,6 +894,7 @@ class HiCacheManager:
         if b"\x01" in check:
             busy = rows[(state & BACKING_UP) != 0]
             backups = [table.ops[i] for i in np.unique(table.backup_id[busy]).tolist()]
+        op_id = self._op_id()
         if self._rules.host_locked_during_load:
             self.host_pages.lock(host_pages)
         table.device_page[rows] = dev_pages
@@ -802,34 +903,33 @@ class HiCacheManager:
         stamps = table.stamps(n)
         table.device_used[rows] = stamps      # newly on the device: most recent
         table.host_used[rows] = stamps        # and touched on host
-        return rows, host_pages, dev_pages, backups
+        return op_id, rows, host_pages, dev_pages, backups
 
     def prefetch(self, page_ids: Sequence[Hashable]) -> tuple:
         """Fetch the stored prefix of ``page_ids`` (those not in the table) from
-        storage into host pages. Returns the ids being fetched (empty when
+        storage into host pages: all of it, or its leading pages that the host
+        pool can make room for. Returns the ids being fetched (empty when
         storage holds none or the host pool has no room); they show as
         ``HOST | FETCHING`` until :meth:`check_prefetch` or :meth:`poll` settles
         them, and a ``"prefetch"`` :class:`Ack` reports them (and any that failed)."""
+        if self._closed:
+            raise _closed_error()
+        ids = _as_list(page_ids)
+        _check_distinct(ids)
         if self.storage is None:
             raise RuntimeError("prefetch: the manager has no storage tier")
-        table = self.table.entries
-        ids = [i for i in page_ids if i not in table]
+        index = self.table.index
+        ids = [i for i in ids if i not in index]
         tp = self._tp
-        if tp is None:
-            n = self.storage.batch_exists(ids) if ids else 0
-        else:   # a collective: every rank asks for the same ids; the shortest prefix wins
-            n = tp.min([self.storage.batch_exists(tp.storage_keys(ids)) if ids else 0])[0]
+        n = self.storage.batch_exists(ids if tp is None else tp.storage_keys(ids)) if ids else 0
+        n = min(n, self._host_room_for(n))
+        if tp is not None:   # a collective: every rank asks for the same ids; the shortest prefix wins
+            n = tp.min([n])[0]
         if n == 0:
             return ()
         ids = ids[:n]
         with self._mark("prefetch", n * self.page_size):
             pages = self._alloc_host_pages(n)
-            if tp is not None and tp.min([pages is not None])[0] == 0:
-                if pages is not None:   # another rank has no room: nobody fetches
-                    self.host_pages.free(pages)
-                pages = None
-            if pages is None:
-                return ()
             entries = []
             for page_id, page in zip(ids, pages.tolist()):
                 e = self.table.add(page_id)
@@ -864,6 +964,10 @@ class HiCacheManager:
         and False is returned: call again at the next scheduling step. A read
         that cannot stop early (no ``can_terminate``) must finish.
         """
+        if self._closed:
+            raise _closed_error()
+        page_ids = _as_list(page_ids)
+        _check_distinct(page_ids)
         self._collect()
         get = self.table.entries.get
         ops = {}
@@ -889,6 +993,8 @@ class HiCacheManager:
     # -- completion ---------------------------------------------------------------------
     def poll(self) -> list[Ack]:
         """Finished loads, backups and storage ops since the last poll (never blocks)."""
+        if self._closed:
+            raise _closed_error()
         with self._mark("poll", 0):
             self._collect()
             acks, self._acks = self._acks, []
@@ -896,7 +1002,13 @@ class HiCacheManager:
 
     def synchronize(self, *, storage: bool = False) -> None:
         """Block until every load and backup in flight has finished, and with
-        ``storage=True`` every storage op too (acks wait for :meth:`poll`)."""
+        ``storage=True`` every storage op too. They are retired (:meth:`lookup`
+        shows them settled); their acks wait for :meth:`poll`."""
+        if self._closed:
+            raise _closed_error()
+        self._finish_all(storage=storage)
+
+    def _finish_all(self, *, storage: bool) -> None:
         dev = self.device
         with self._mark("synchronize", 0):
             for h in list(self._loads):
@@ -910,12 +1022,13 @@ class HiCacheManager:
             self._collect()
 
     def close(self) -> None:
-        """Finish transfers in flight, then unregister and free the host pool."""
+        """Finish transfers in flight, then unregister and free the host pool. Any
+        later call raises (close() itself may be called again)."""
         if self._closed:
             return
         self._closed = True
         try:
-            self.synchronize(storage=True)
+            self._finish_all(storage=True)
         finally:
             try:
                 detach = getattr(self.storage, "detach", None)
@@ -940,6 +1053,8 @@ class HiCacheManager:
     def stats(self) -> dict:
         """Counts for logs and benchmarks; a storage tier's own counters (hits,
         bytes, seconds) follow with a ``storage_`` prefix."""
+        if self._closed:
+            raise _closed_error()
         out = dict(pages=len(self.table), device_free=self.device_pages.free_count,
                    device_deferred=self.device_pages.deferred_count,
                    host_free=self.host_pages.free_count,
@@ -992,6 +1107,16 @@ class HiCacheManager:
             log.debug("backup op %d (%s): %d pages (%d tokens) device->host", op.op_id, why, n, tokens)
         return op
 
+    def _backups_wait_for(self, producer) -> None:
+        """Make every backup launched from now on wait for the work queued on
+        ``producer`` so far (ordering rule 1 for pages backed up later)."""
+        if not self._rules.backup_waits_producer:
+            return
+        dev, ev = self.device, self._event()
+        dev.record(ev, producer)
+        dev.wait(self.backup_stream, ev)
+        self._events.append(ev)   # the wait keeps the record it saw: the event is free again
+
     def _collect(self) -> None:
         """Retire finished transfers, oldest first per stream; queue their acks."""
         query = self.device.query
@@ -1021,8 +1146,9 @@ class HiCacheManager:
         if self.storage is not None and self.config.storage_write_through and \
                 (self._tp is None or self._tp.writes_storage):
             done = self.table.views(done)
-            # pages still on host in the slots this backup filled
-            live = [e for e in done if self.table.get(e.page_id) is e and e.storing is None]
+            # pages still on host in the slots this backup filled, not yet in storage
+            live = [e for e in done if self.table.get(e.page_id) is e and e.storing is None
+                    and not e.in_storage]
             if live:
                 self._store(live)
 
@@ -1076,6 +1202,8 @@ class HiCacheManager:
             self._unlock_for_storage(op)
             failed = []
             for e, ok in zip(op.entries, result):
+                if ok:
+                    e.in_storage = True
                 if op.kind == "prefetch":
                     if e.fill is op:
                         e.fill = None
@@ -1112,36 +1240,112 @@ class HiCacheManager:
             if e.fill is not op:
                 continue
             e.fill = None
-            if i >= valid and table.get(e.page_id) is e:
+            if i < valid:
+                e.in_storage = True
+            elif table.get(e.page_id) is e:
                 self._release([e], remove=True)
 
     # -- internals: slots ---------------------------------------------------------------------
+    # Making room is decided before it is done: a call that cannot get its pages
+    # raises (or gets None) having evicted nothing. Pages count as obtainable when
+    # free, freed but held by a load or backup in flight (waited for), or evictable.
+
     def _alloc_device_pages(self, n: int) -> np.ndarray:
-        pages = self._alloc_pages(self.device_pages, n, lambda k: self._evict_device(
-            device_victims(self.table, k)))
-        if pages is None:
-            alloc = self.device_pages
-            raise OutOfPages(
-                f"device pool: need {n} pages, {alloc.free_count} free, "
-                f"{alloc.deferred_count} waiting for transfers, the rest pinned or loading")
-        return pages
-
-    def _alloc_host_pages(self, n: int) -> np.ndarray | None:
-        return self._alloc_pages(self.host_pages, n, lambda k: self._evict_host(
-            host_victims(self.table, self.host_pages.locked, k)))
-
-    def _alloc_pages(self, alloc: PageAllocator, n: int, evict) -> np.ndarray | None:
-        """``n`` pages of a pool: free ones, else evict LRU pages (``evict(k)``), else
-        wait for transfers that hold pages; None when none of that makes room."""
+        """``n`` device pages: free ones, else LRU evictions, else waiting for the
+        transfers that hold freed pages. OutOfPages, nothing changed, if that cannot
+        make room."""
+        alloc = self.device_pages
         pages = alloc.alloc(n)
         if pages is not None:
             return pages
-        self._collect()
+        victims = self._device_victims_for(n)
+        if victims is None:
+            raise OutOfPages(
+                f"device pool: need {n} pages, {alloc.free_count} free, "
+                f"{alloc.deferred_count} waiting for transfers, the rest pinned, loading, "
+                f"or without host room for their write-back")
+        self._evict_device(victims)
+        return self._take(alloc, n)
+
+    def _alloc_host_pages(self, n: int) -> np.ndarray | None:
+        """``n`` host pages as :meth:`_alloc_device_pages` finds them; None, nothing
+        changed, if there is no room."""
+        alloc = self.host_pages
+        pages = alloc.alloc(n)
+        if pages is not None:
+            return pages
+        short = n - alloc.free_count - self._host_pages_freed_by_transfers()
+        victims = host_victims(self.table, alloc.locked, short)
+        if len(victims) < short:
+            return None
+        self._evict_host(victims)
+        return self._take(alloc, n)
+
+    def _host_room_for(self, n: int) -> int:
+        """How many of ``n`` host pages :meth:`_alloc_host_pages` can make room for."""
+        alloc = self.host_pages
+        room = alloc.free_count + self._host_pages_freed_by_transfers()
+        if room >= n:
+            return n
+        return room + len(host_victims(self.table, alloc.locked, n - room))
+
+    def _host_pages_freed_by_transfers(self) -> int:
+        """Freed host pages that a load or backup in flight holds (waiting for those
+        frees them); pages a storage op holds are freed only when it ends by itself."""
+        alloc = self.host_pages
+        if not alloc.deferred_count or not self._storage_ops:
+            return alloc.deferred_count
+        held = [op.host_pages for op in self._storage_ops if op.host_locked]
+        if not held:
+            return alloc.deferred_count
+        return int(np.count_nonzero(~np.isin(alloc.deferred_pages(), np.concatenate(held))))
+
+    def _device_victims_for(self, n: int) -> np.ndarray | None:
+        """Rows of the device pages to evict so that ``n`` can be had, least recently
+        used first; None if no choice makes room. Under write_back a page with no
+        host copy is evicted only if a host page can be had for its backup, and the
+        host copies of the pages evicted with it are not eviction candidates then."""
+        alloc, table = self.device_pages, self.table
+        need = n - alloc.free_count - alloc.deferred_count
+        if need <= 0:
+            return _NO_ROWS
+        candidates = device_victims(table, table.hw)
+        if len(candidates) < need:
+            return None
+        if not self.policy.backs_up_on_evict:
+            return candidates[:need]
+        host = self.host_pages
+        spare = host.free_count + self._host_pages_freed_by_transfers()
+        host_candidates = host_victims(table, host.locked, table.hw)
+        is_host_candidate = np.zeros(table.hw, dtype=bool)
+        is_host_candidate[host_candidates] = True
+        # host pages available to the backups: spare + host candidates not kept
+        budget = spare + len(host_candidates)
+        first = candidates[:need]
+        backed = table.host_page[first] >= 0
+        if np.count_nonzero(~backed) <= budget - np.count_nonzero(is_host_candidate[first[backed]]):
+            return first                                  # the common case: room for all
+        chosen, backups = [], 0
+        for row in candidates.tolist():
+            if table.host_page[row] >= 0:                 # evicting it keeps its host copy
+                keep = int(is_host_candidate[row])
+                if backups <= budget - keep:
+                    budget -= keep
+                    chosen.append(row)
+            elif backups < budget:                        # needs a host page for its backup
+                backups += 1
+                chosen.append(row)
+            if len(chosen) == need:
+                return np.array(chosen, dtype=np.intp)
+        return None
+
+    def _take(self, alloc: PageAllocator, n: int) -> np.ndarray:
+        """``n`` pages of a pool that has room for them once the loads and backups
+        in flight that hold freed pages finish (blocking on them, oldest first)."""
         while (pages := alloc.alloc(n)) is None:
-            short = n - alloc.free_count - alloc.deferred_count
-            evicted = evict(short) if short > 0 else []
-            if alloc.free_count < n and not evicted and not self._wait_for_transfer(alloc):
-                return None
+            if not self._wait_for_transfer(alloc):
+                raise AssertionError(f"{alloc.name}: room for {n} pages was promised, "
+                                     f"{alloc.free_count} free")
         return pages
 
     def _wait_for_transfer(self, pool: PageAllocator) -> bool:
@@ -1165,9 +1369,17 @@ class HiCacheManager:
         table = self.table
         if self.policy.backs_up_on_evict:
             unbacked = rows[table.host_page[rows] < 0]
-            if len(unbacked) and self._backup(unbacked, None, why="write_back eviction") is None:
-                # no host room: keep these on the device rather than lose them
-                rows = rows[table.host_page[rows] >= 0]
+            if len(unbacked):
+                # the host copies of the pages leaving now are all they will have:
+                # making room for the backup must not evict them
+                kept = table.host_page[rows[table.host_page[rows] >= 0]]
+                self.host_pages.lock(kept)
+                try:
+                    op = self._backup(unbacked, None, why="write_back eviction")
+                finally:
+                    self.host_pages.unlock(kept)
+                if op is None:   # no host room: keep these on the device rather than lose them
+                    rows = rows[table.host_page[rows] >= 0]
         removed = rows[table.host_page[rows] < 0]
         ids, removed_ids = table.ids_of(rows), table.ids_of(removed)
         self.device_pages.free(table.device_page[rows])
@@ -1264,24 +1476,37 @@ class HiCacheManager:
         self._next_op += 1
         return self._next_op
 
-    def _rows(self, page_ids: Sequence[Hashable], *,
-              distinct: bool = False) -> tuple[list | tuple, np.ndarray]:
-        """The ids as a list or tuple, and their page-table rows."""
+    def _rows(self, page_ids: Sequence[Hashable]) -> tuple[list | tuple, np.ndarray]:
+        """The ids of a call on pages in the table, as a list or tuple, and their
+        rows; raises if the manager is closed or an id is unknown or repeated."""
+        if self._closed:
+            raise _closed_error()
         ids = _as_list(page_ids)
-        rows = self.table.resolve(ids)
-        if distinct and not self.table.distinct(rows):
-            raise ValueError("page_ids: expected distinct ids")
+        rows = self._resolve(ids)
+        if not self.table.distinct(rows):
+            raise _repeat_error(ids)
         return ids, rows
 
-    def _new_ids(self, page_ids: Sequence[Hashable], name: str) -> list:
-        ids = list(page_ids)
+    def _resolve(self, ids: list | tuple) -> np.ndarray:
+        """The rows of ``ids``; an unknown id is a KeyError, but a repeated one is
+        reported first (the argument's form before its contents)."""
+        try:
+            return self.table.resolve(ids)
+        except KeyError:
+            _check_distinct(ids)
+            raise
+
+    def _new_ids(self, page_ids: Sequence[Hashable]) -> list | tuple:
+        """The ids of an allocation: distinct, and none in the table yet."""
+        if self._closed:
+            raise _closed_error()
+        ids = _as_list(page_ids)
+        _check_distinct(ids)
         index = self.table.index
         if not index.keys().isdisjoint(ids):
             for i in ids:
                 if i in index:
-                    raise ValueError(f"{name}: {i!r} is already in the page table")
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"{name}: expected distinct ids")
+                    raise ValueError(f"page_ids: {i!r} is already in the page table")
         return ids
 
     def _pages(self, page_ids, tier: str) -> np.ndarray:
@@ -1293,15 +1518,14 @@ class HiCacheManager:
         return pages
 
     def _refuse_load(self, ids, rows: np.ndarray) -> None:
-        """Raise for the first page of a load that cannot be loaded (the slow path)."""
-        seen = set()
+        """Raise for a load that cannot be done: a repeated id, else the first page
+        that cannot be loaded (the slow path)."""
         table = self.table
+        if not table.distinct(rows):
+            raise _repeat_error(ids)
         for page_id, row in zip(ids, rows.tolist()):
             if (table.state[row] & _LOAD_MASK) != HOST:
                 raise ValueError(f"page_ids: {page_id!r} cannot be loaded ({self._why_not(row)})")
-            if row in seen:
-                raise ValueError(f"page_ids: {page_id!r} appears twice")
-            seen.add(row)
         raise AssertionError("_refuse_load: every page is loadable")
 
     def _why_not(self, row: int) -> str:

@@ -27,7 +27,7 @@ from typing import Hashable, Iterator
 
 import numpy as np
 
-__all__ = ["PageAllocator", "PageEntry", "PageTable", "OutOfPages",
+__all__ = ["PageAllocator", "PageEntry", "PageTable", "OutOfPages", "unhashable_error",
            "DEVICE", "HOST", "LOADING", "BACKING_UP", "FETCHING", "PINNED", "clear_mask"]
 
 FREE, USED, DEFERRED = 0, 1, 2
@@ -63,6 +63,17 @@ def _all_distinct(values: np.ndarray, scratch: np.ndarray) -> bool:
     positions = _arange(n)
     scratch[values] = positions
     return scratch.take(values).tobytes() == positions.tobytes()   # no ufunc: cheaper here
+
+
+def unhashable_error(page_ids) -> TypeError:
+    """The error for ``page_ids`` (a list or tuple) holding an id that cannot be hashed."""
+    for position, page_id in enumerate(page_ids):
+        try:
+            hash(page_id)
+        except TypeError:
+            return TypeError(f"page_ids: expected hashable ids, got {type(page_id).__name__} "
+                             f"at position {position}")
+    return TypeError("page_ids: expected a sequence of hashable ids")
 
 
 class OutOfPages(RuntimeError):
@@ -152,6 +163,10 @@ class PageAllocator:
         """Bool per page: whether a transfer in flight holds it."""
         return self._locks[pages] > 0
 
+    def deferred_pages(self) -> np.ndarray:
+        """The pages freed while locked, waiting for their transfers to end."""
+        return np.flatnonzero(self._state == DEFERRED)
+
     def free_pages(self) -> np.ndarray:
         """The pages an ``alloc`` may hand out next (for invariant checks)."""
         return self._stack[:self._top].copy()
@@ -172,7 +187,8 @@ class PageEntry:
     ``device_page``/``host_page`` are -1 when absent. ``load`` is the load
     filling the device copy, ``backup`` the backup filling the host copy,
     ``fill`` a storage read filling the host copy, ``storing`` a storage write
-    reading it (None when settled). The table hands out one entry object per
+    reading it (None when settled); ``in_storage``: storage holds the page (a
+    write or read of it succeeded), so it is not written again. The table hands out one entry object per
     live page (``table.get(id) is table.get(id)``); once the page leaves the
     table its entry reads as absent everywhere and ignores writes.
     """
@@ -235,6 +251,15 @@ class PageEntry:
             self._table.store_op[self._idx] = op
 
     @property
+    def in_storage(self) -> bool:
+        return bool(self._get("in_storage", False))
+
+    @in_storage.setter
+    def in_storage(self, value: bool) -> None:
+        if self._idx >= 0:
+            self._table.in_storage[self._idx] = value
+
+    @property
     def on_device(self) -> bool:
         return self.device_page >= 0
 
@@ -283,6 +308,7 @@ _COLUMNS = {
     "backup_id": (np.int64, 0),      # op id of the backup filling the host copy (0: none)
     "fill_op": (object, None),       # storage read filling the host copy
     "store_op": (object, None),      # storage write reading the host copy
+    "in_storage": (np.bool_, False),  # a storage write or read of it succeeded: not written again
     "scratch": (np.intp, 0),         # for repeat checks
 }
 _RESET = [name for name in _COLUMNS if name not in ("scratch", "device_used", "host_used")]
@@ -348,8 +374,8 @@ class PageTable:
             return np.fromiter(map(self.index.__getitem__, page_ids), np.intp, len(page_ids))
         except KeyError as exc:
             raise KeyError(f"page_ids: {exc.args[0]!r} is not in the page table") from None
-        except TypeError as exc:
-            raise TypeError(f"page_ids: expected a sequence of hashable ids ({exc})") from None
+        except TypeError:
+            raise unhashable_error(page_ids) from None
 
     def distinct(self, rows: np.ndarray) -> bool:
         return _all_distinct(rows, self.scratch)

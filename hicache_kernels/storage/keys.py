@@ -29,8 +29,8 @@ def hash_page(token_ids: Iterable[int], prior_key: str | None = None) -> str:
         64
     """
     hasher = hashlib.sha256()
-    if prior_key:
-        hasher.update(bytes.fromhex(prior_key))
+    if prior_key is not None:
+        hasher.update(_key_bytes(prior_key))
     for token in token_ids:
         if isinstance(token, tuple):
             for element in token:
@@ -46,8 +46,8 @@ def page_keys(token_ids: Sequence[int], page_size: int, prior_key: str | None = 
     Args:
         token_ids: the sequence's token ids (a list, or a 1-D integer tensor).
         page_size: tokens per page; the store's page size.
-        prior_key: key of the page just before ``token_ids[0]``, to continue
-            a chain (None at the start of a sequence).
+        prior_key: key of the page just before ``token_ids[0]`` (64 hex
+            digits), to continue a chain (None at the start of a sequence).
 
     Example:
         >>> len(page_keys(list(range(10)), page_size=4))  # 2 tokens left over
@@ -57,12 +57,25 @@ def page_keys(token_ids: Sequence[int], page_size: int, prior_key: str | None = 
         raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
     if hasattr(token_ids, "tolist"):  # a tensor or numpy array: plain ints once
         token_ids = token_ids.tolist()
+    if prior_key is not None:
+        _key_bytes(prior_key)   # refuse a bad key even when no full page follows
     keys: list[str] = []
     key = prior_key
     for start in range(0, len(token_ids) - page_size + 1, page_size):
         key = hash_page(token_ids[start:start + page_size], key)
         keys.append(key)
     return keys
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _key_bytes(key) -> bytes:
+    """The 32 raw bytes of a page key; ValueError unless it is 64 lowercase hex digits."""
+    if not isinstance(key, str) or len(key) != 64 or not _HEX_DIGITS.issuperset(key):
+        raise ValueError(f"prior_key: expected None or 64 lowercase hex digits (a page key), "
+                         f"got {key!r}")
+    return bytes.fromhex(key)
 
 
 def _token_bytes(token: int) -> bytes:

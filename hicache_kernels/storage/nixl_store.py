@@ -189,9 +189,11 @@ class NixlFileStore:
         keys = check_keys(keys)
         for i, key in enumerate(keys):
             try:
-                if os.stat(self.page_path(key)).st_size != self.file_bytes:
-                    return i
+                st = os.stat(self.page_path(key))
             except OSError:
+                return i
+            if st.st_size != self.file_bytes:
+                self._corrupt(key, st, f"{st.st_size} bytes on disk, expected {self.file_bytes}")
                 return i
         return len(keys)
 
@@ -221,7 +223,7 @@ class NixlFileStore:
             ok[:len(found)] = read_back_ok(self.geometry, pages, [h.payload_crc for _, h in found])
             if not all(ok[:len(found)]):
                 bad = ok.index(False)
-                self._corrupt(keys[bad], found[bad][0], "payload checksum mismatch")
+                self._corrupt(keys[bad], _quiet_fstat(found[bad][0]), "payload checksum mismatch")
         valid = sum(ok)
         count_io(self._stats, "read", valid, self.page_bytes, start)
         return ok
@@ -317,7 +319,7 @@ class NixlFileStore:
             if header.payload_bytes != self.page_bytes or size != self.file_bytes:
                 raise ValueError(f"{size} bytes on disk, expected {self.file_bytes}")
         except (ValueError, UnicodeDecodeError, OSError) as e:
-            self._corrupt(key, fd, str(e))
+            self._corrupt(key, _quiet_fstat(fd), str(e))
             os.close(fd)
             return None
         return fd, header
@@ -340,12 +342,14 @@ class NixlFileStore:
             self._write_failed(e, 1)
             return None
 
-    def _corrupt(self, key: str, fd: int, why: str) -> None:
+    def _corrupt(self, key: str, bad: os.stat_result | None, why: str) -> None:
+        """Count, log and remove the bad page file (``bad``: its stat, or None if unknown)."""
         path = self.page_path(key)
         self._stats.add(corrupt_pages=1)
         log.warning("storage: page %s is corrupt (%s); treated as a miss and removed", path, why)
         try:  # remove it unless a writer has already replaced it with a good copy
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            now = os.stat(path)
+            if bad is not None and (now.st_dev, now.st_ino) == (bad.st_dev, bad.st_ino):
                 os.unlink(path)
         except OSError:
             pass
@@ -422,6 +426,13 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _quiet_fstat(fd: int) -> os.stat_result | None:
+    try:
+        return os.fstat(fd)
+    except OSError:
+        return None
 
 
 def _quiet(fn, *args, **kwargs) -> None:

@@ -54,7 +54,9 @@ class WriteOp:
     """One ``batch_set``: pages being written from host pages to storage.
 
     ``poll()`` is None while the tier may still read the host pages, then one
-    bool per page: stored (written now, or found stored already).
+    bool per page: stored (written now, or found stored already). Only the
+    first ``accepted`` pages are written; the rest did not fit in the write
+    queue and stay False.
     """
 
     def __init__(self, keys: list[str], host_pages: np.ndarray, slots: np.ndarray):
@@ -62,6 +64,7 @@ class WriteOp:
         self.host_pages = host_pages
         self.slots = slots
         self.stored: list[bool] = [False] * len(keys)
+        self.accepted = 0
         self._done = threading.Event()
 
     @property
@@ -296,22 +299,26 @@ class StorageTier:
 
     def batch_set(self, keys: Sequence[str], host_pages) -> WriteOp:
         """Queue host pages for writing to storage; returns at once. Pages
-        already stored are not written again. When more than
-        ``max_pending_writes`` pages wait, the pages are dropped (counted; the
-        host tier still has them) rather than blocking the caller."""
+        already stored are not written again. At most ``max_pending_writes``
+        pages wait: the leading pages that fit are queued, the rest are
+        dropped (counted; the host tier still has them) rather than blocking
+        the caller."""
         op = WriteOp(*self._check(keys, host_pages))
         n = op.num_pages
         self._stats.add(stores=1, store_pages=n)
         with self._lock:
-            accept = (self.store is not None and n
-                      and self._pending_write_pages + n <= self.config.max_pending_writes)
-            if accept:
-                self._pending_write_pages += n
+            if self.store is not None:
+                room = self.config.max_pending_writes - self._pending_write_pages
+                op.accepted = max(0, min(n, room))
+            if op.accepted:
+                self._pending_write_pages += op.accepted
                 self._write_q.put(op)      # under the lock: detach cannot slip in between
-        if not accept:
-            if n and self.store is not None:
-                log.debug("storage: write queue full; %d pages stay in the host tier only", n)
-            self._stats.add(store_dropped_pages=n)
+        dropped = n - op.accepted
+        if dropped:
+            if self.store is not None:
+                log.debug("storage: write queue full; %d pages stay in the host tier only", dropped)
+            self._stats.add(store_dropped_pages=dropped)
+        if not op.accepted:
             op._finish()
         return op
 
@@ -347,23 +354,24 @@ class StorageTier:
         while (op := ops.get()) is not _STOP:
             start = time.perf_counter()
             stored = 0
+            accepted = op.accepted
             try:
-                existing = store.batch_exists(op.keys)
+                existing = store.batch_exists(op.keys[:accepted])
                 op.stored[:existing] = [True] * existing
                 self._stats.add(store_existing_pages=existing)
-                for lo in range(existing, op.num_pages, batch):
-                    hi = min(lo + batch, op.num_pages)
+                for lo in range(existing, accepted, batch):
+                    hi = min(lo + batch, accepted)
                     ok = store.batch_set(op.keys[lo:hi], op.slots[lo * page:hi * page])
                     op.stored[lo:hi] = ok
                     stored += sum(ok)
             except Exception:
                 log.exception("storage: write failed; the pages stay in the host tier only")
-            failed = op.num_pages - sum(op.stored)
+            failed = accepted - sum(op.stored)
             self._stats.add(store_written_pages=stored, store_failed_pages=failed,
                             store_seconds=time.perf_counter() - start)
             op._finish()
             with self._idle:
-                self._pending_write_pages -= op.num_pages
+                self._pending_write_pages -= accepted
                 self._idle.notify_all()
 
     def _prefetch_loop(self, store: PageStore, ops: queue.Queue) -> None:
