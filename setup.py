@@ -5,8 +5,9 @@ is built into the package as ``hicache_kernels/libhicache_cuda.so``; without
 nvcc, or with ``HICACHE_SKIP_NATIVE=1``, the package installs without it and
 the reference and Triton backends still work.
 
-The manager's compiled load path (csrc/manager/fastload.c, a plain C extension)
-is built with the host compiler; if that fails the manager uses its numpy path.
+The manager's compiled load path (csrc/manager/fastload.c) and the prepared
+launches' per-call checks (csrc/ops/prepared.c), plain C extensions, are built
+with the host compiler; if that fails the same work runs in Python.
 """
 
 import importlib.util
@@ -29,6 +30,7 @@ def _native():
 
 CUDA_LIB = "hicache_kernels.libhicache_cuda"
 FASTLOAD = "hicache_kernels.manager._fastload"
+PREPARED = "hicache_kernels._prepared"
 
 
 class BuildNative(build_ext):
@@ -48,12 +50,14 @@ class BuildNative(build_ext):
         return super().get_ext_filename(fullname)
 
     def build_extension(self, ext):
-        if ext.name == FASTLOAD:
+        if ext.name in (FASTLOAD, PREPARED):
             try:
                 super().build_extension(ext)
-            except Exception as exc:   # no C compiler: the numpy path does the same work
-                print(f"hicache-kernels: not building the manager's compiled load path ({exc}); "
-                      "the manager uses its numpy path", file=sys.stderr)
+            except Exception as exc:   # no C compiler: Python does the same work
+                what = ("the manager's compiled load path; the manager uses its numpy path"
+                        if ext.name == FASTLOAD else
+                        "the prepared launches' compiled checks; they run in Python")
+                print(f"hicache-kernels: not building {what} ({exc})", file=sys.stderr)
             return
         native = _native()
         out = Path(self.get_ext_fullpath(ext.name)).parent
@@ -72,6 +76,8 @@ setup(
     packages=find_packages(include=["hicache_kernels", "hicache_kernels.*"]),
     ext_modules=[Extension(CUDA_LIB, sources=[]),
                  Extension(FASTLOAD, sources=["csrc/manager/fastload.c"],
+                           extra_compile_args=["-O2", "-std=c11"]),
+                 Extension(PREPARED, sources=["csrc/ops/prepared.c"],
                            extra_compile_args=["-O2", "-std=c11"])],
     cmdclass={"build_ext": BuildNative},
     install_requires=[

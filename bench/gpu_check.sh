@@ -29,7 +29,7 @@
 #   install    (150) pip install --no-deps --no-build-isolation -e . (builds csrc/ for sm_90a)
 #   wheels      (60) installs .whl/*.whl into a private folder (PYTHONPATH), when .whl/ holds any
 #   smoke       (60) one load and one backup per backend vs the reference: which move the right bytes
-#   cuda       (120) pytest -m gpu tests/test_cuda_gpu.py, --maxfail 10
+#   cuda       (120) pytest -m gpu tests/test_cuda_gpu.py tests/test_launch.py, --maxfail 10
 #   triton     (100) pytest -m gpu tests/test_transfer.py tests/test_triton*.py, --maxfail 10
 #   manager     (90) pytest -m gpu on the manager's tests (no storage: no nixl there), --maxfail 10
 #   peers      (120) builds SGLang's JIT transfer kernels (warm cache for the suite), when importable
@@ -207,7 +207,7 @@ if [ "$MODE" = core ] || [ "$MODE" = all ]; then
         record peers skip 0 0 "SGLang's JIT kernels do not import: the suite says why in its rows"
     fi
     step smoke 60 360 "$PY" bench/gpu_smoke.py --json "$WORK/logs/smoke.json"
-    pytest_group cuda 120 260 tests/test_cuda_gpu.py
+    pytest_group cuda 120 260 tests/test_cuda_gpu.py tests/test_launch.py
     pytest_group triton 100 220 tests/test_transfer.py $(ls tests/test_triton*.py 2>/dev/null)
     pytest_group manager 90 190 tests/test_manager.py tests/test_manager_parts.py \
         tests/test_manager_stateful.py tests/test_manager_fastload.py tests/test_manager_lru.py

@@ -1,21 +1,32 @@
 """The drop-in's fixed CPU cost per SGLang call (``hicache_kernels.sglang``).
 
 Run with ``.venv/bin/python -m pytest -q -s bench/test_sglang_cost.py`` (not part of
-CI). Every call is made the way SGLang's host pool makes it, on CPU tensors, with the
-backend's final launch replaced by a no-op, so only the drop-in's own work is timed:
-finding the cached plan for the call's tensors, checking the indices and handing the
-plan to the backend.
+CI). Every call is made the way SGLang's host pool makes it, on CPU tensors, with
+the driver's launch stubbed, so only the drop-in's own work is timed.
 
-Target (issue 11): <= 10 us per call for the calls SGLang makes once per layer (a
-load); the all-layer calls (a backup) are reported. Each line also splits the call
-into the drop-in's own part (the plan lookup; ``ops.execute`` stubbed too) and what
-``ops.execute`` adds (index checks; on CPU indices these include a bounds check
-that device indices, as SGLang passes them to the kernel forms, skip).
+The kernel forms (SGLang's ``kernel`` io backend: the per-layer loads and the
+all-layer backups) run on the ``cuda`` backend launching into the CUDA library's
+host twin (tests/host_twin.py) with the launch stubbed: everything but the driver's
+launch runs, the plan lookup, the prepared launch's index checks, one ctypes call,
+and in C the description's checks and the kernel's launch plan. Their indices are
+where SGLang passes them on a GPU: where the kernel reads them (here the CPU stands
+in for the device), so no bounds check runs, as on a GPU.
 
-When ``sglang`` is importable, the same calls are also timed through SGLang's own
-host pool (``MHATokenToKVPoolHost``, page_first and layer_first) with
-``sgl_kernel.kvcacheio`` replaced first by no-ops (SGLang's own cost per call) and
-then by this drop-in: the difference is what the drop-in costs SGLang.
+Target: <= 10 us per call for the kernel forms SGLang calls once per layer (a
+load); the all-layer calls (a backup) are reported. Each line splits the call into
+the drop-in's own part (the plan lookup; the launch stubbed too) and the launch.
+
+The direct forms (SGLang's ``direct`` io backend) hand host indices to the copy
+engines, which build their descriptors on the CPU per call (merging runs): that
+backend is stubbed whole here (its ``run()`` a no-op), so their lines give the
+drop-in's work up to it (page expansion and the bounds check of host indices
+included), reported, not asserted.
+
+When ``sglang`` is importable (the tests' environment), the same calls are also
+timed through SGLang's own host pool (``MHATokenToKVPoolHost``, page_first and
+layer_first) with ``sgl_kernel.kvcacheio`` replaced first by no-ops (SGLang's own
+cost per call) and then by this drop-in: the difference is what the drop-in costs
+SGLang.
 
 Geometry: Llama-3.1-8B (32 layers, 8 KV heads x 128, bf16), 64-token pages, a load or
 backup of 1024 tokens. Tensors are never touched (memory stays virtual).
@@ -23,15 +34,13 @@ backup of 1024 tokens. Tensors are never touched (memory stays virtual).
 
 from __future__ import annotations
 
-import importlib
-import time
 
 import pytest
 import torch
 
 import hicache_kernels.sglang as kvio
 from hicache_kernels import backends
-
+from launch_stub import import_sglang, median_us, stubbed, twin_library  # noqa: F401  (fixtures)
 L, H, D, PAGE = 32, 8, 128, 64
 DEV_SLOTS, HOST_SLOTS, TOKENS = 8192, 16384, 1024
 TARGET_US = 10.0
@@ -41,7 +50,7 @@ ITEM = H * D * 2
 
 
 class NoLaunch:
-    """A backend whose launch does nothing."""
+    """A backend whose run() does nothing (the direct forms' copy engines, stubbed whole)."""
 
     name = "no_launch"
     host_indices = True
@@ -53,11 +62,20 @@ class NoLaunch:
         pass
 
 
-@pytest.fixture(autouse=True)
-def no_launch(monkeypatch):
+@pytest.fixture
+def kernel_forms(stubbed, monkeypatch):
+    """The ``cuda`` backend on CPU tensors, launching into the host twin, launch stubbed."""
+    monkeypatch.setenv("HICACHE_BACKEND", "cuda")
     kvio.clear_plan_cache()
+    yield
+    kvio.clear_plan_cache()
+
+
+@pytest.fixture
+def direct_forms(monkeypatch):
     backend = NoLaunch()
     monkeypatch.setattr(backends, "choose", lambda plan, requested="auto": (backend, "stub"))
+    kvio.clear_plan_cache()
     yield
     kvio.clear_plan_cache()
 
@@ -82,35 +100,36 @@ def _pools():
 
 
 def _calls(p):
-    """name -> (per layer?, call), arguments as SGLang passes them."""
+    """name -> (per layer?, direct form?, call), arguments as SGLang passes them."""
     hk, hv, hi, di, layer = p["pf"][0], p["pf"][1], p["host_idx"], p["dev_idx"], 7
     dk, dv = p["dev_k"][layer], p["dev_v"][layer]
     lf_k, lf_v = p["lf"][0], p["lf"][1]
+    lf_k_layer, lf_v_layer = lf_k[layer], lf_v[layer]   # (SGLang's indexing, not the drop-in's)
     ph_k, ph_v = p["ph"][0], p["ph"][1]
     pfd = [p["pfd"][0], p["pfd"][1]]
     all_dev = p["dev_k"] + p["dev_v"]
     all_lf = list(lf_k) + list(lf_v)
-    return {
-        "load layer, page_first (transfer_kv_per_layer_pf_lf)": (True, lambda: (
+    return {  # name -> (per layer?, direct form?, call)
+        "load layer, page_first (transfer_kv_per_layer_pf_lf)": (True, False, lambda: (
             kvio.transfer_kv_per_layer_pf_lf(hk, dk, hv, dv, hi, di, layer, ITEM, ITEM * L))),
-        "load layer, layer_first (transfer_kv_per_layer)": (True, lambda: (
-            kvio.transfer_kv_per_layer(lf_k[layer], dk, lf_v[layer], dv, hi, di, ITEM))),
-        "load layer, page_head (transfer_kv_per_layer_ph_lf)": (True, lambda: (
+        "load layer, layer_first (transfer_kv_per_layer)": (True, False, lambda: (
+            kvio.transfer_kv_per_layer(lf_k_layer, dk, lf_v_layer, dv, hi, di, ITEM))),
+        "load layer, page_head (transfer_kv_per_layer_ph_lf)": (True, False, lambda: (
             kvio.transfer_kv_per_layer_ph_lf(ph_k, dk, ph_v, dv, hi, di, layer, ITEM, ITEM * L,
                                              PAGE, H))),
-        "load layer, MLA page_first (transfer_kv_per_layer_mla_pf_lf)": (True, lambda: (
+        "load layer, MLA page_first (transfer_kv_per_layer_mla_pf_lf)": (True, False, lambda: (
             kvio.transfer_kv_per_layer_mla_pf_lf(p["mla_pf"], p["mla_dev"], hi, di, layer, 1152,
                                                  1152 * L))),
-        "load layer, direct layer_first (transfer_kv_direct)": (True, lambda: (
-            kvio.transfer_kv_direct([lf_k[layer], lf_v[layer]], [dk, dv], hi, di, PAGE))),
-        "load layer, direct page_first_direct (transfer_kv_per_layer_direct_pf_lf)": (True, lambda: (
+        "load layer, direct layer_first (transfer_kv_direct)": (True, True, lambda: (
+            kvio.transfer_kv_direct([lf_k_layer, lf_v_layer], [dk, dv], hi, di, PAGE))),
+        "load layer, direct page_first_direct (transfer_kv_per_layer_direct_pf_lf)": (True, True, lambda: (
             kvio.transfer_kv_per_layer_direct_pf_lf(pfd, [dk, dv], hi, di, layer, PAGE))),
-        "backup, page_first (transfer_kv_all_layer_lf_pf, tables)": (False, lambda: (
+        "backup, page_first (transfer_kv_all_layer_lf_pf, tables)": (False, False, lambda: (
             kvio.transfer_kv_all_layer_lf_pf(p["k_ptrs"], hk, p["v_ptrs"], hv, di, hi, ITEM,
                                              ITEM * L, L))),
-        "backup, direct layer_first (transfer_kv_direct, 64 tensors)": (False, lambda: (
+        "backup, direct layer_first (transfer_kv_direct, 64 tensors)": (False, True, lambda: (
             kvio.transfer_kv_direct(all_dev, all_lf, di, hi, PAGE))),
-        "backup, direct page_first_direct (transfer_kv_all_layer_direct_lf_pf)": (False, lambda: (
+        "backup, direct page_first_direct (transfer_kv_all_layer_direct_lf_pf)": (False, True, lambda: (
             kvio.transfer_kv_all_layer_direct_lf_pf(all_dev, pfd, di, hi, PAGE))),
     }
 
@@ -127,43 +146,32 @@ def _time(benchmark, call) -> float:
 
 def _time_plainly(call, rounds: int = ROUNDS) -> float:
     """Median us per call, for calls the benchmark fixture does not time (one per test)."""
-    call()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(ITERATIONS):
-            call()
-        times.append((time.perf_counter() - t) / ITERATIONS)
-    return sorted(times)[rounds // 2] * 1e6
+    return median_us(call, rounds, ITERATIONS)
 
 
 @pytest.mark.parametrize("name", list(_CALLS))
-def test_drop_in_cost_per_call(benchmark, monkeypatch, name):
-    per_layer, call = _CALLS[name]
+def test_drop_in_cost_per_call(benchmark, request, monkeypatch, name):
+    per_layer, direct, call = _CALLS[name]
+    request.getfixturevalue("direct_forms" if direct else "kernel_forms")
     total = _time(benchmark, call)
+    monkeypatch.setattr(kvio, "launch_prepared", lambda *a, **k: True)
     monkeypatch.setattr(kvio, "execute", lambda *a, **k: None)
     own = _time_plainly(call)
-    hi, di = _POOLS["host_idx"], _POOLS["dev_idx"]
-    bounds = _time_plainly(lambda: (int(hi.max()), int(di.max())))
     benchmark.extra_info.update(per_call_us=round(total, 2), lookup_us=round(own, 2))
-    print(f"\n{name}: {total:.1f} us per call (plan lookup {own:.1f}, ops.execute "
-          f"{total - own:.1f} of which {bounds:.1f} bound the CPU indices)"
-          + (f", target <= {TARGET_US}" if per_layer else ""))
+    if direct:
+        hi, di = _POOLS["host_idx"], _POOLS["dev_idx"]
+        bounds = _time_plainly(lambda: (int(hi.max()), int(di.max())))
+        print(f"\n{name}: {total:.1f} us per call up to the copy engines, which are stubbed whole "
+              f"(plan lookup and index preparation {own:.1f}, ops.execute {total - own:.1f} of which "
+              f"{bounds:.1f} bound the host indices)")
+        return
+    print(f"\n{name}: {total:.1f} us per call, the driver's launch stubbed (plan lookup {own:.1f}, "
+          f"prepared launch {total - own:.1f})" + (f", target <= {TARGET_US}" if per_layer else ""))
     if per_layer:
         assert total <= TARGET_US, f"{name}: {total:.1f} us per call, target {TARGET_US} us"
 
 
 # -- next to SGLang's own cost --------------------------------------------------------------
-
-def _sglang():
-    """SGLang's pool modules, or the reason they cannot be imported here."""
-    try:
-        memory_pool = importlib.import_module("sglang.srt.mem_cache.memory_pool")
-        mha = importlib.import_module("sglang.srt.mem_cache.pool_host.mha")
-    except Exception as e:  # noqa: BLE001 - any failure to import is reported, not raised
-        return None, f"{type(e).__name__}: {e}"
-    return (memory_pool, mha), ""
-
 
 SGLANG_CALLS = {
     "page_first": ("load_to_device_per_layer", "kernel", "transfer_kv_per_layer_pf_lf"),
@@ -174,13 +182,15 @@ SGLANG_CALLS = {
 
 
 @pytest.mark.parametrize("case", list(SGLANG_CALLS))
-def test_next_to_sglang(monkeypatch, case):
-    modules, why = _sglang()
+def test_next_to_sglang(request, monkeypatch, case):
+    modules, why = import_sglang("sglang.srt.mem_cache.memory_pool",
+                                 "sglang.srt.mem_cache.pool_host.mha")
     if modules is None:
         print(f"\nsglang is not importable here, so SGLang's own cost is not measured ({why})")
         return
     memory_pool, mha = modules
     method, io_backend, kernel = SGLANG_CALLS[case]
+    request.getfixturevalue("direct_forms" if io_backend == "direct" else "kernel_forms")
     layout = case.split()[0]
     # small heads: the cost per call does not depend on them, SGLang zeroes its pools
     dev = memory_pool.MHATokenToKVPool(size=4 * TOKENS + PAGE, page_size=PAGE, dtype=DT,
@@ -203,6 +213,7 @@ def test_next_to_sglang(monkeypatch, case):
     sglang_alone = _time_plainly(call)
     monkeypatch.setattr(mha, kernel, getattr(kvio, kernel))
     with_drop_in = _time_plainly(call)
+    stub = "copy engines stubbed whole" if io_backend == "direct" else "driver's launch stubbed"
     print(f"\nSGLang {method} ({layout}, io_backend={io_backend}): {sglang_alone:.1f} us per "
-          f"call with kvcacheio a no-op, {with_drop_in:.1f} us with this drop-in (launch "
-          f"stubbed): the drop-in adds {with_drop_in - sglang_alone:.1f} us")
+          f"call with kvcacheio a no-op, {with_drop_in:.1f} us with this drop-in ({stub}): "
+          f"the drop-in adds {with_drop_in - sglang_alone:.1f} us")

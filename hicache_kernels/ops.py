@@ -12,9 +12,16 @@ back up every layer device -> host             ``backup_all_layers(dev, host, d_
 any per-layer copy, either way, any layouts    ``transfer(src, dst, s_idx, d_idx, layers=i)``
 any all-layer copy, either way, any layouts    ``transfer(src, dst, s_idx, d_idx)``
 the same, prepared once and called often       ``Transfer(src, dst, layers=...)(s_idx, d_idx)``
+per-layer transfers launched in one call       ``prepare_layers([Transfer(..., layers=i), ...])``
 =============================================  ================================================
 
 Bad input raises before anything is written, naming the argument.
+
+A prepared call with indices already where the kernel reads them (int64, 1-D,
+contiguous, on the GPU) goes straight to the CUDA library's prepared launch: one
+C call, no Python per plane or per layer. Anything else (CPU indices, a bounds
+check asked for, another backend, NVTX ranges on) takes the checked path, which
+moves the same bytes.
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ from types import ModuleType
 import torch
 
 from . import backends
+from . import nvtx_ranges as _nvtx
+from .backends import cuda as _cuda
 from .buffers import KVBuffer
 from .nvtx_ranges import enabled as nvtx_enabled, nvtx_range
 from .plan import PlaneSet, TransferPlan, indices_to
 
-__all__ = ["Transfer", "transfer", "load_layer", "backup_all_layers", "execute"]
+__all__ = ["Transfer", "transfer", "load_layer", "backup_all_layers", "execute", "launch_prepared",
+           "prepare_layers", "PreparedLayers"]
 
 
 class Transfer:
@@ -76,6 +86,7 @@ class Transfer:
         self.sm_budget = sm_budget
         self.num_warps = num_warps
         self.src, self.dst = src, dst
+        self._launcher = None   # the backend's prepared launch, made on first use; False: none
 
     @property
     def bytes_per_item(self) -> int:
@@ -96,8 +107,23 @@ class Transfer:
             check: bounds-check the indices. None checks when it is free
                 (CPU indices); True also checks device indices (one sync).
         """
+        launcher = self._launcher
+        if launcher is None:
+            launcher = self.launcher()
+        if launcher and launch_prepared(launcher, src_indices, dst_indices, stream, check):
+            return
         execute(self.plan, src_indices, dst_indices, backend_module=self.backend,
                 sm_budget=self.sm_budget, num_warps=self.num_warps, stream=stream, check=check)
+
+    def launcher(self):
+        """The backend's prepared launch for this transfer (made once: its base tables
+        are copied to the device, so not during CUDA graph capture), or None when the
+        backend has none (Triton, the copy engines, the reference)."""
+        if self._launcher is None:
+            prepare = getattr(self.backend, "prepare", None)
+            self._launcher = prepare(self.plan, sm_budget=self.sm_budget, num_warps=self.num_warps) \
+                if prepare is not None else False
+        return self._launcher or None
 
 
 def transfer(src: KVBuffer, dst: KVBuffer, src_indices: torch.Tensor, dst_indices: torch.Tensor,
@@ -156,6 +182,110 @@ def execute(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Te
         backend_module.run(plan, src_idx, dst_idx, sm_budget=sm_budget, num_warps=num_warps,
                            stream=stream)
     return backend_module.name
+
+
+# -- prepared launches -------------------------------------------------------------
+
+_Tensor = torch.Tensor
+_INT64 = torch.int64
+_UNIT_STRIDE = (1,)
+try:   # the compiled half of launch_prepared (csrc/ops/prepared.c); None: Python does it
+    from . import _prepared as _compiled
+    _compiled.setup(_Tensor, _INT64)
+except ImportError:
+    _compiled = None
+
+
+def launch_prepared(launcher, src_indices, dst_indices, stream=None, check: bool | None = None,
+                    events=None) -> bool:
+    """Run a prepared launch (``Transfer.launcher()``) when the indices can go
+    straight to its kernel: exactly ``torch.Tensor`` s of int64, strides ``(1,)``,
+    of one length, on the kernel's device, and no bounds check asked for (``check``
+    True), no NVTX ranges on. Returns False, having done nothing, otherwise: the
+    checked path (:func:`execute`) then takes the call and moves the same bytes (or
+    raises). The checks and the library call are one compiled call where
+    ``hicache_kernels._prepared`` is built (``csrc/ops/prepared.c``), else Python.
+
+    As on the checked path, indices used on a ``stream`` passed explicitly are
+    recorded on it (``record_stream``), so that their memory is not reused before
+    the stream has read them, however soon the caller drops them.
+    """
+    if check or _nvtx._enabled:
+        return False
+    index = launcher.index
+    if _compiled is not None:
+        rc = _compiled.launch(launcher.fn_address, launcher.descs_address, launcher.n, index,
+                              src_indices, dst_indices, launcher.raw_stream(stream), events)
+        if rc is False:
+            return False
+        if rc is not True:
+            launcher.check(rc)
+    elif not _launch_in_python(launcher, index, src_indices, dst_indices, stream, events):
+        return False
+    if stream is not None and index >= 0:
+        src_indices.record_stream(stream)
+        dst_indices.record_stream(stream)
+    if launcher.on_launch is not None:
+        launcher.on_launch()
+    return True
+
+
+def _launch_in_python(launcher, index: int, src_indices, dst_indices, stream, events) -> bool:
+    """``launch_prepared``'s checks and call without its compiled half: the same answers."""
+    try:
+        if (type(src_indices) is not _Tensor or type(dst_indices) is not _Tensor
+                or src_indices.dtype is not _INT64 or dst_indices.dtype is not _INT64
+                or src_indices.stride() != _UNIT_STRIDE or dst_indices.stride() != _UNIT_STRIDE
+                or src_indices.get_device() != index or dst_indices.get_device() != index):
+            return False
+        n_items = src_indices.numel()
+        if dst_indices.numel() != n_items:
+            return False
+        src, dst = src_indices.data_ptr(), dst_indices.data_ptr()
+    except (RuntimeError, TypeError):   # a sparse or nested tensor: the checked path names it
+        return False
+    launcher(src, dst, n_items, stream, events)
+    return True
+
+
+class PreparedLayers:
+    """Transfers of one layer each, with the same indices, launched together: one
+    compiled call launches every layer in order on one stream and records
+    ``events[i]`` there once layer ``i``'s copy is queued (a manager's layer-wise load).
+
+    Made by :func:`prepare_layers`. ``events`` is a ``ctypes`` array of raw
+    ``cudaEvent_t`` handles (``torch.cuda.Event.cuda_event``, of events recorded
+    at least once so that they exist), one per layer, or None.
+    """
+
+    def __init__(self, launcher, num_layers: int):
+        self.launcher = launcher
+        self.num_layers = num_layers
+
+    def __call__(self, src_indices, dst_indices, *, stream=None, events=None,
+                 check: bool | None = None) -> bool:
+        """Launch every layer; False (nothing done) when the indices cannot go
+        straight to the kernels (see :func:`launch_prepared`): run the layers'
+        Transfers one by one instead."""
+        if events is not None and len(events) != self.num_layers:
+            raise ValueError(f"events: expected {self.num_layers} events, one per layer, "
+                             f"got {len(events)}")
+        return launch_prepared(self.launcher, src_indices, dst_indices, stream, check, events)
+
+
+def prepare_layers(transfers) -> PreparedLayers | None:
+    """One :class:`PreparedLayers` for ``transfers`` (a Transfer per layer, in
+    order), or None when one of them has no prepared launch (its backend is not
+    a CUDA kernel) or they do not share one device."""
+    launchers = [t.launcher() for t in transfers]
+    if not launchers or not all(launchers):
+        return None
+    try:
+        joined = _cuda.join(launchers, f"{launchers[0].what} and the {len(launchers) - 1} "
+                                       "layers after it (descs[i]: the i-th)")
+    except ValueError:
+        return None
+    return PreparedLayers(joined, len(launchers))
 
 
 # -- checks ------------------------------------------------------------------------

@@ -29,7 +29,10 @@ than a call, so plans are cached, under this rule:
   allocation can take that identity, so a freed and rebuilt pool (or table)
   never hits an old entry, even at the same address.
 - A cached plan holds addresses and strides, never a tensor: it keeps no pool
-  alive. Entries of freed allocations are dropped at the next miss;
+  alive. With a CUDA kernel backend the entry also keeps the plan's prepared
+  launch (its C description, and the small tables of plane addresses that
+  description points to), so a call with device indices is one C call.
+  Entries of freed allocations are dropped at the next miss;
   :func:`clear_plan_cache` drops them all. The reference backend, which indexes
   torch views, gets a plan built from the call's own tensors.
 - An address table is trusted like sgl-kernel trusts it: its values must point
@@ -54,7 +57,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from . import backends
 from .buffers import KVBuffer
 from .layouts import KVLayout, LayoutKind, PlaneAddressing
-from .ops import check_devices, check_launch_options, execute
+from .ops import check_devices, check_launch_options, execute, launch_prepared
 from .plan import PlaneSet, TransferPlan, tensor_at
 
 __all__ = [
@@ -207,6 +210,10 @@ class _Entry(NamedTuple):
     plan: TransferPlan | None        # None: the direct forms' strided copy, no plan
     module: ModuleType | None
     allocations: tuple               # StorageWeakRef of every tensor the key names
+    # (block_quota, num_warps, their types) -> the backend's prepared launch (False:
+    # none), made on first use; None for the reference (it is given a plan per call)
+    # and for calls that are not cached
+    launchers: dict | None = None
 
     def freed(self) -> bool:
         return any(a.expired() for a in self.allocations)
@@ -259,9 +266,9 @@ def _contents_version(table: torch.Tensor):
         raise
 
 
-def _plan_for(key: tuple | None, tensors: Sequence, build,
-              direct: bool = False) -> tuple[TransferPlan | None, ModuleType | None]:
-    """``(plan, backend module)`` for a call, built (and fully checked) on a miss."""
+def _plan_for(key: tuple | None, tensors: Sequence, build, direct: bool = False) -> _Entry:
+    """The entry (plan, backend module, prepared launches) for a call, built (and
+    fully checked) on a miss."""
     entry = None
     if key is not None:
         try:
@@ -269,17 +276,19 @@ def _plan_for(key: tuple | None, tensors: Sequence, build,
         except TypeError:            # an unhashable argument: let the builder report it
             key = None
     if entry is not None:
-        if entry.module is not None and entry.module.name == "reference":
-            return build(), entry.module   # it indexes views of this call's own tensors
-        return entry.plan, entry.module
+        if entry.launchers is None:   # the reference: it indexes views of this call's own tensors
+            return entry._replace(plan=build())
+        return entry
     plan = build()
     module = None
     if plan is not None:
         module, _ = backends.choose(plan, _direct_backend() if direct else _backend())
         check_devices(plan, module)
-    if key is not None:
-        _remember(key, _Entry(_without_views(plan), module, _allocations(tensors)))
-    return plan, module
+    if key is None:   # not cached: no prepared launch either (made for one call, it costs more)
+        return _Entry(plan, module, (), None)
+    launchers = None if module is not None and module.name == "reference" else {}
+    _remember(key, _Entry(_without_views(plan), module, _allocations(tensors), launchers))
+    return _Entry(plan, module, (), launchers)
 
 
 def _remember(key: tuple, entry: _Entry) -> None:
@@ -317,10 +326,21 @@ def _plan(label: str, src: PlaneSet, dst: PlaneSet, head_num: int, item_size: in
     return TransferPlan(src, dst, head_num=head_num, head_bytes=item_size // head_num, label=label)
 
 
-def _run(plan: TransferPlan, module: ModuleType, src_indices, dst_indices, block_quota,
-         num_warps_per_block) -> None:
+def _run(entry: _Entry, src_indices, dst_indices, block_quota, num_warps_per_block) -> None:
+    launchers = entry.launchers
+    if launchers is not None:
+        options = (block_quota, num_warps_per_block, type(block_quota), type(num_warps_per_block))
+        launcher = launchers.get(options)
+        if launcher is None:
+            check_launch_options(block_quota, num_warps_per_block)
+            prepare = getattr(entry.module, "prepare", None)
+            launcher = launchers[options] = prepare(entry.plan, sm_budget=block_quota,
+                                                    num_warps=num_warps_per_block) or False \
+                if prepare is not None else False
+        if launcher and launch_prepared(launcher, src_indices, dst_indices):
+            return
     check_launch_options(block_quota, num_warps_per_block)
-    execute(plan, src_indices, dst_indices, backend_module=module, sm_budget=block_quota,
+    execute(entry.plan, src_indices, dst_indices, backend_module=entry.module, sm_budget=block_quota,
             num_warps=num_warps_per_block)
 
 
@@ -334,8 +354,8 @@ def transfer_kv_per_layer(src_k, dst_k, src_v, dst_v, src_indices, dst_indices, 
         return _plan("lf->lf layer", _layer_first(("src_k", "src_v"), (src_k, src_v), item_size, 1),
                      _layer_first(("dst_k", "dst_v"), (dst_k, dst_v), item_size, 1), 1, item_size)
     tensors = (src_k, dst_k, src_v, dst_v)
-    plan, module = _plan_for(_key("lf_lf", tensors, (), item_size), tensors, build)
-    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
+    entry = _plan_for(_key("lf_lf", tensors, (), item_size), tensors, build)
+    _run(entry, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_pf_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_indices, layer_id,
@@ -349,8 +369,8 @@ def transfer_kv_per_layer_pf_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_ind
         return _plan(f"pf->lf L{layer_id}", src, dst, 1, item_size)
     tensors = (src_k, dst_k, src_v, dst_v)
     key = _key("pf_lf", tensors, (), layer_id, item_size, src_layout_dim)
-    plan, module = _plan_for(key, tensors, build)
-    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
+    entry = _plan_for(key, tensors, build)
+    _run(entry, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_ph_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_indices, layer_id,
@@ -366,8 +386,8 @@ def transfer_kv_per_layer_ph_lf(src_k, dst_k, src_v, dst_v, src_indices, dst_ind
         return _plan(f"ph->lf L{layer_id}", src, dst, head_num, item_size)
     tensors = (src_k, dst_k, src_v, dst_v)
     key = _key("ph_lf", tensors, (), layer_id, item_size, src_layout_dim, page_size, head_num)
-    plan, module = _plan_for(key, tensors, build)
-    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
+    entry = _plan_for(key, tensors, build)
+    _run(entry, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer(src_k_layers, dst_k_layers, src_v_layers, dst_v_layers, src_indices,
@@ -382,8 +402,8 @@ def transfer_kv_all_layer(src_k_layers, dst_k_layers, src_v_layers, dst_v_layers
                               num_layers, item_size)
         return _plan("lf->lf all", src, dst, 1, item_size)
     tables = (src_k_layers, dst_k_layers, src_v_layers, dst_v_layers)
-    plan, module = _plan_for(_key("lf_lf_all", (), tables, item_size, num_layers), tables, build)
-    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
+    entry = _plan_for(_key("lf_lf_all", (), tables, item_size, num_layers), tables, build)
+    _run(entry, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_lf_pf(src_k_layers, dst_k, src_v_layers, dst_v, src_indices,
@@ -399,8 +419,8 @@ def transfer_kv_all_layer_lf_pf(src_k_layers, dst_k, src_v_layers, dst_v, src_in
         return _plan("lf->pf all", src, dst, 1, item_size)
     tensors, tables = (dst_k, dst_v), (src_k_layers, src_v_layers)
     key = _key("lf_pf_all", tensors, tables, item_size, dst_layout_dim, num_layers)
-    plan, module = _plan_for(key, tensors + tables, build)
-    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
+    entry = _plan_for(key, tensors + tables, build)
+    _run(entry, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_lf_ph(src_k_layers, dst_k, src_v_layers, dst_v, src_indices,
@@ -417,8 +437,8 @@ def transfer_kv_all_layer_lf_ph(src_k_layers, dst_k, src_v_layers, dst_v, src_in
     tensors, tables = (dst_k, dst_v), (src_k_layers, src_v_layers)
     key = _key("lf_ph_all", tensors, tables, item_size, dst_layout_dim, num_layers, page_size,
                head_num)
-    plan, module = _plan_for(key, tensors + tables, build)
-    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
+    entry = _plan_for(key, tensors + tables, build)
+    _run(entry, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_mla(src, dst, src_indices, dst_indices, item_size, block_quota=2,
@@ -429,8 +449,8 @@ def transfer_kv_per_layer_mla(src, dst, src_indices, dst_indices, item_size, blo
         return _plan("mla lf->lf layer", _layer_first(("src",), (src,), item_size, 1),
                      _layer_first(("dst",), (dst,), item_size, 1), 1, item_size)
     tensors = (src, dst)
-    plan, module = _plan_for(_key("mla_lf_lf", tensors, (), item_size), tensors, build)
-    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
+    entry = _plan_for(_key("mla_lf_lf", tensors, (), item_size), tensors, build)
+    _run(entry, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_per_layer_mla_pf_lf(src, dst, src_indices, dst_indices, layer_id, item_size,
@@ -444,8 +464,8 @@ def transfer_kv_per_layer_mla_pf_lf(src, dst, src_indices, dst_indices, layer_id
                      _layer_first(("dst",), (dst,), item_size, 1), 1, item_size)
     tensors = (src, dst)
     key = _key("mla_pf_lf", tensors, (), layer_id, item_size, src_layout_dim)
-    plan, module = _plan_for(key, tensors, build)
-    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
+    entry = _plan_for(key, tensors, build)
+    _run(entry, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_mla(src_layers, dst_layers, src_indices, dst_indices, item_size,
@@ -458,9 +478,9 @@ def transfer_kv_all_layer_mla(src_layers, dst_layers, src_indices, dst_indices, 
                      _address_tables(("dst_layers",), (dst_layers,), num_layers, item_size),
                      1, item_size)
     tables = (src_layers, dst_layers)
-    plan, module = _plan_for(_key("mla_lf_lf_all", (), tables, item_size, num_layers), tables,
+    entry = _plan_for(_key("mla_lf_lf_all", (), tables, item_size, num_layers), tables,
                              build)
-    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
+    _run(entry, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def transfer_kv_all_layer_mla_lf_pf(src_layers, dst, src_indices, dst_indices, item_size,
@@ -474,8 +494,8 @@ def transfer_kv_all_layer_mla_lf_pf(src_layers, dst, src_indices, dst_indices, i
                               item_size, dst_layout_dim)
         return _plan("mla lf->pf all", src, dst_side, 1, item_size)
     key = _key("mla_lf_pf_all", (dst,), (src_layers,), item_size, dst_layout_dim, num_layers)
-    plan, module = _plan_for(key, (dst, src_layers), build)
-    _run(plan, module, src_indices, dst_indices, block_quota, num_warps_per_block)
+    entry = _plan_for(key, (dst, src_layers), build)
+    _run(entry, src_indices, dst_indices, block_quota, num_warps_per_block)
 
 
 def _one_layer(layer_id) -> range:
@@ -643,12 +663,12 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
             return None
         return _plan("direct lf->lf", src, dst, 1, src.addressing.head_stride)
     tensors = src_list + dst_list
-    plan, module = _plan_for(_key("direct", tensors, (), len(src_list)), tensors, build,
+    entry = _plan_for(_key("direct", tensors, (), len(src_list)), tensors, build,
                              direct=True)
-    if plan is None:
+    if entry.plan is None:
         _copy_slot_runs(src_names, src_list, dst_names, dst_list, src_idx, dst_idx)
     else:
-        _run(plan, module, src_idx, dst_idx, None, None)
+        _run(entry, src_idx, dst_idx, None, None)
 
 
 def _direct_pools(name: str, pools: list[torch.Tensor], page_size: int,
@@ -753,12 +773,12 @@ def transfer_kv_per_layer_direct_pf_lf(src_ptrs, dst_ptrs, src_indices, dst_indi
         return _plan(f"direct pfd->lf L{layer_id}", src, dst, 1, item)
     tensors = src_list + dst_list
     key = _key("direct_pf_lf", tensors, (), len(src_list), layer_id, page_size)
-    plan, module = _plan_for(key, tensors, build, direct=True)
-    if plan is None:
+    entry = _plan_for(key, tensors, build, direct=True)
+    if entry.plan is None:
         _copy_pages(src_list, src_names, dst_list, dst_names, layers, src_idx, dst_idx, page_size,
                     to_pool=False)
         return
-    _run(plan, module, _expand_pages(src_idx, page_size, True),
+    _run(entry, _expand_pages(src_idx, page_size, True),
          _expand_pages(dst_idx, page_size, False), None, None)
 
 
@@ -784,13 +804,13 @@ def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indi
             return None
         return _plan("direct lf->pfd all", src, dst, 1, item)
     tensors = src_list + dst_list
-    plan, module = _plan_for(_key("direct_lf_pf", tensors, (), len(src_list), page_size), tensors,
+    entry = _plan_for(_key("direct_lf_pf", tensors, (), len(src_list), page_size), tensors,
                              build, direct=True)
-    if plan is None:
+    if entry.plan is None:
         _copy_pages(dst_list, dst_names, src_list, src_names, layers, dst_idx, src_idx, page_size,
                     to_pool=True)
         return
-    _run(plan, module, _expand_pages(src_idx, page_size, False),
+    _run(entry, _expand_pages(src_idx, page_size, False),
          _expand_pages(dst_idx, page_size, True), None, None)
 
 
@@ -863,8 +883,8 @@ def transfer_embedding_ranges_direct(src, dst, src_starts, dst_starts, lengths) 
     def build():
         return _plan("embedding ranges", _per_layer_rows("src", [src]),
                      _per_layer_rows("dst", [dst]), 1, src.shape[1] * src.element_size())
-    plan, module = _plan_for(_key("ranges", (src, dst)), (src, dst), build, direct=True)
-    _run(plan, module, src_rows, dst_rows, None, None)
+    entry = _plan_for(_key("ranges", (src, dst)), (src, dst), build, direct=True)
+    _run(entry, src_rows, dst_rows, None, None)
 
 
 def get_device_accessible_ptr(tensor, device_index) -> int:

@@ -26,7 +26,8 @@ from hicache_kernels.backends import _native
 
 build = build_module()
 SYMBOLS = ["hck_abi_version", "hck_struct_sizes", "hck_last_error", "hck_build_info",
-           "hck_device_count", "hck_probe", "hck_batch_refusal", "hck_copy_items", "hck_memcpy_runs"]
+           "hck_device_count", "hck_probe", "hck_batch_refusal", "hck_copy_items", "hck_copy_prepared",
+           "hck_memcpy_runs"]
 
 
 def _reload_library():
@@ -167,8 +168,10 @@ def test_package_installs_without_nvcc(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "hicache_kernels/ops.py" in names
     assert not [n for n in names if "libhicache_cuda" in n], names
-    # the manager's compiled load path is plain C: built without nvcc too
+    # the manager's compiled load path and the prepared launches' checks are plain C:
+    # built without nvcc too
     assert [n for n in names if n.startswith("hicache_kernels/manager/_fastload")], names
+    assert [n for n in names if n.startswith("hicache_kernels/_prepared")], names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = ("import torch, hicache_kernels as h; from hicache_kernels import backends; "

@@ -370,16 +370,26 @@ def test_observer_follows_the_storage_machine(policy):
 
 # -- the e2e bench publishes them too --------------------------------------------------------------
 
-def test_e2e_bench_publishes_kv_events(tmp_path, capsys):
+def test_e2e_bench_publishes_kv_events(tmp_path, capsys, monkeypatch):
+    from hicache_kernels import observers
     from hicache_kernels.bench import cli
 
+    class Publisher(KVEventPublisher):
+        """The bench's publisher, first waiting for this test's subscription (the tier's
+        first event may come within milliseconds of the bind, before ZMQ reconnects)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            assert self.wait_for_subscribers(1, timeout_s=10)
+
+    monkeypatch.setattr(observers, "KVEventPublisher", Publisher)
     with socket.socket() as s:                      # a free port for the bench to bind
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt_string(zmq.SUBSCRIBE, "kv-events")
-    sub.connect(f"tcp://127.0.0.1:{port}")          # connected well before the tier's first event
+    sub.connect(f"tcp://127.0.0.1:{port}")
     assert cli.main(["e2e", "--quick", "--clients", "4", "--rounds", "3", "--no-progress",
                      "--kv-events", f"tcp://*:{port}", "--out", str(tmp_path)]) == 0
     decoder = msgspec.msgpack.Decoder(type=KVEventBatch)

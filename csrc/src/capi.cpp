@@ -29,6 +29,7 @@ std::string cuda_message(cudaError_t e, const char* what) {
 }  // namespace
 
 void set_error(const std::string& message) { g_last_error = message; }
+std::string last_error() { return g_last_error; }
 
 DeviceGuard::DeviceGuard(int device) {
   cudaError_t e = cudaGetDevice(&previous_);
@@ -125,6 +126,15 @@ HCK_API int hck_copy_items(const HckCopyDesc* desc) {
     return HCK_ERR_INVALID_ARGUMENT;
   }
   return hicache::launch_copy_items(*desc);
+}
+
+// descs[0..n_descs) prepared once (everything but the indices, their count and
+// the stream), launched in order on one stream with the call's indices, each
+// followed by cudaEventRecord(events[i], stream) when events is not NULL.
+HCK_API int hck_copy_prepared(const HckCopyDesc* descs, int64_t n_descs, const int64_t* src_indices,
+                              const int64_t* dst_indices, int64_t n_items, void* stream,
+                              void* const* events) {
+  return hicache::launch_prepared(descs, n_descs, src_indices, dst_indices, n_items, stream, events);
 }
 
 HCK_API int hck_memcpy_runs(HckMemcpyDesc* desc) {

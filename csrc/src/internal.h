@@ -9,9 +9,12 @@ namespace hicache {
 
 // The sentence hck_last_error() returns; set by whoever fails.
 void set_error(const std::string& message);
+std::string last_error();
 
 // Returns an HCK_* code or a cudaError_t (positive), setting the error sentence.
 int launch_copy_items(const HckCopyDesc& desc);
+int launch_prepared(const HckCopyDesc* descs, int64_t n_descs, const int64_t* src_indices,
+                    const int64_t* dst_indices, int64_t n_items, void* stream, void* const* events);
 int issue_memcpy_runs(HckMemcpyDesc& desc);
 
 // [has_register_kernel, has_bulk_kernel]: whether this library holds code the

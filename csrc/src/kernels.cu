@@ -10,6 +10,7 @@
 #include "hicache/copy_bulk.h"
 #include "hicache/copy_registers.h"
 #include "internal.h"
+#include "launch.h"
 
 namespace hicache {
 namespace {
@@ -282,33 +283,6 @@ std::string cuda_message(cudaError_t e, const char* what) {
   return std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
 }
 
-bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
-
-// A checked description, or the sentence saying what is wrong with it.
-std::string check_desc(const HckCopyDesc& d) {
-  if (d.n_items < 0 || d.n_planes < 0) return "n_items, n_planes: expected >= 0";
-  if (d.n_chunks < 1 || d.chunk_bytes < 1) return "n_chunks, chunk_bytes: expected >= 1";
-  if (!is_pow2(d.alignment) || d.alignment > 16 || d.chunk_bytes % d.alignment)
-    return "alignment: expected a power of two <= 16 dividing chunk_bytes";
-  if (d.warps_per_block < 1 || d.warps_per_block > 32) return "warps_per_block: expected 1..32";
-  if (d.max_blocks < 1) return "max_blocks: expected >= 1";
-  if (d.stage_bytes < 0 || d.stages < 0 || d.smem_cap < 0)
-    return "stage_bytes, stages, smem_cap: expected >= 0 (0: the default)";
-  for (const HckSide* s : {&d.src, &d.dst}) {
-    if (s->page_size < 1 || s->page_size > 0x7fffffff) return "page_size: expected 1..2^31-1";
-    if (d.n_items > 0 && d.n_planes > 0 && (!s->bases || !s->indices))
-      return "bases, indices: expected non-null pointers";
-  }
-  if (d.kernel == HCK_KERNEL_BULK) {
-    if (d.alignment != 16 || !d.bases_known)
-      return "kernel: the bulk kernel needs every address and size 16-byte aligned";
-    if (d.chunk_bytes > 0x7fffffff) return "chunk_bytes: the bulk kernel takes rows below 2 GiB";
-  } else if (d.kernel != HCK_KERNEL_REGISTERS) {
-    return "kernel: expected HCK_KERNEL_REGISTERS or HCK_KERNEL_BULK";
-  }
-  return "";
-}
-
 // Per device, asked once: the shared memory a block may have (opt-in), and
 // the largest dynamic shared memory set on the bulk kernel so far.
 std::mutex g_smem_mutex;
@@ -384,22 +358,21 @@ int launch_bulk(const HckCopyDesc& d, cudaStream_t stream) {
 }
 
 int launch_registers(const HckCopyDesc& d, cudaStream_t stream) {
-  const int width = int(d.alignment);
-  const bool runtime_align = !d.bases_known && width > 1;
-  const RegisterGrid grid = register_grid(d.warps_per_block, d.max_blocks);
-  const uint32_t threads = grid.threads;
-  const int64_t per_launch = register_items_per_launch(d, uint32_t(width), threads);
-  if (per_launch < 1) {
-    set_error("n_chunks, chunk_bytes: one item is too large for one launch");
-    return HCK_ERR_INVALID_ARGUMENT;
-  }
-  const RegisterKernel kernel = register_kernel(width, runtime_align);
-  for (int64_t first = 0; first < d.n_items; first += per_launch) {
-    const int64_t n = std::min(per_launch, d.n_items - first);
-    const RegisterPlan p = make_register_plan(d, uint32_t(width), threads, first, n);
-    if (p.total_tiles == 0) continue;
-    const uint32_t blocks = std::min<uint32_t>(grid.max_blocks, p.total_tiles);
-    kernel<<<blocks, threads, 0, stream>>>(p);
+  return for_each_register_launch(d, [&](int width, bool runtime_align, uint32_t blocks, uint32_t threads,
+                                         const RegisterPlan& p) {
+    register_kernel(width, runtime_align)<<<blocks, threads, 0, stream>>>(p);
+  });
+}
+
+// One checked description with items, on the current device.
+int launch_checked(const HckCopyDesc& d) {
+  cudaStream_t stream = static_cast<cudaStream_t>(d.stream);
+  const int rc = d.kernel == HCK_KERNEL_BULK ? launch_bulk(d, stream) : launch_registers(d, stream);
+  if (rc) return rc;
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    set_error(cuda_message(e, "launching the copy kernel"));
+    return int(e);
   }
   return 0;
 }
@@ -463,15 +436,25 @@ int launch_copy_items(const HckCopyDesc& d) {
   if (d.n_items == 0 || d.n_planes == 0) return 0;
   DeviceGuard guard(d.device);
   if (guard.status()) return guard.status();
-  cudaStream_t stream = static_cast<cudaStream_t>(d.stream);
-  const int rc = d.kernel == HCK_KERNEL_BULK ? launch_bulk(d, stream) : launch_registers(d, stream);
-  if (rc) return rc;
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    set_error(cuda_message(e, "launching the copy kernel"));
-    return int(e);
+  return launch_checked(d);
+}
+
+int launch_prepared(const HckCopyDesc* descs, int64_t n_descs, const int64_t* src_indices,
+                    const int64_t* dst_indices, int64_t n_items, void* stream, void* const* events) {
+  if (n_descs < 1 || !descs) {  // (copy_prepared says so too; the guard needs descs[0])
+    set_error("descs: expected at least one prepared description");
+    return HCK_ERR_INVALID_ARGUMENT;
   }
-  return 0;
+  DeviceGuard guard(descs[0].device);
+  if (guard.status()) return guard.status();
+  return copy_prepared(descs, n_descs, src_indices, dst_indices, n_items, stream, events, launch_checked,
+                       [](void* event, void* on) {
+                         const cudaError_t e = cudaEventRecord(static_cast<cudaEvent_t>(event),
+                                                               static_cast<cudaStream_t>(on));
+                         if (e == cudaSuccess) return 0;
+                         set_error(cuda_message(e, "recording the event"));
+                         return int(e);
+                       });
 }
 
 }  // namespace hicache

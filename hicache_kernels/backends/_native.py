@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 __all__ = ["LIB_NAME", "library", "library_path", "device_info", "check", "CopyDesc", "MemcpyDesc",
-           "Side", "KERNEL_REGISTERS", "KERNEL_BULK", "DeviceInfo", "build_info"]
+           "Side", "KERNEL_REGISTERS", "KERNEL_BULK", "DeviceInfo", "build_info", "bind_copy"]
 
 LIB_NAME = "libhicache_cuda.so"
-ABI_VERSION = 2
+ABI_VERSION = 3
 KERNEL_REGISTERS = 0
 KERNEL_BULK = 1
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -88,12 +88,9 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     want = (ctypes.sizeof(Side), ctypes.sizeof(CopyDesc), ctypes.sizeof(MemcpyDesc))
     if tuple(s.value for s in sizes) != want:
         return None, f"the CUDA library at {path} was built from other headers (struct sizes differ): rebuild it"
-    for name, restype in (("hck_last_error", ctypes.c_char_p), ("hck_build_info", ctypes.c_char_p)):
-        getattr(lib, name).restype = restype
-    for name in ("hck_copy_items", "hck_memcpy_runs", "hck_probe", "hck_device_count",
-                 "hck_batch_refusal"):
+    bind_copy(lib)
+    for name in ("hck_memcpy_runs", "hck_probe", "hck_device_count", "hck_batch_refusal"):
         getattr(lib, name).restype = ctypes.c_int
-    lib.hck_copy_items.argtypes = [ctypes.POINTER(CopyDesc)]
     lib.hck_memcpy_runs.argtypes = [ctypes.POINTER(MemcpyDesc)]
     lib.hck_probe.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int32)]
     lib.hck_device_count.argtypes = [ctypes.POINTER(ctypes.c_int)]
@@ -104,6 +101,21 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         return None, (f"the CUDA library at {path} was built from other sources than csrc/ "
                       f"({built_from} vs {digest}): rebuild it (pip install -e . or python csrc/build.py)")
     return lib, ""
+
+
+def bind_copy(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the copy functions' C signatures on ``lib`` (this library, or a build
+    of the same surface for the host: tests' twin)."""
+    for name in ("hck_last_error", "hck_build_info"):
+        getattr(lib, name).restype = ctypes.c_char_p
+    lib.hck_copy_items.restype = ctypes.c_int
+    lib.hck_copy_items.argtypes = [ctypes.POINTER(CopyDesc)]
+    # descs, n_descs, src_indices, dst_indices, n_items, stream, events (pointers as ints)
+    lib.hck_copy_prepared.restype = ctypes.c_int
+    lib.hck_copy_prepared.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                      ctypes.c_void_p]
+    return lib
 
 
 def _missing_reason(path: Path) -> str:
@@ -142,15 +154,16 @@ def build_info(lib: ctypes.CDLL | None = None) -> dict[str, str]:
     return dict(part.split("=", 1) for part in text.split(";") if "=" in part)
 
 
-def last_error() -> str:
-    lib = library()[0]
+def last_error(lib: ctypes.CDLL | None = None) -> str:
+    lib = lib or library()[0]
     return lib.hck_last_error().decode(errors="replace") if lib is not None else ""
 
 
-def check(rc: int, what: str) -> None:
-    """Raise a RuntimeError naming ``what`` when a library call failed."""
+def check(rc: int, what: str, lib: ctypes.CDLL | None = None) -> None:
+    """Raise a RuntimeError naming ``what`` when a call into ``lib`` (default: this
+    library) failed."""
     if rc != 0:
-        raise RuntimeError(f"{what}: {last_error() or f'error code {rc}'}")
+        raise RuntimeError(f"{what}: {last_error(lib) or f'error code {rc}'}")
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,22 @@ class AutoDispatch:
                         stream=stream)
 
 
+    def prepare(self, plan: TransferPlan, *, sm_budget: int | None = None,
+                num_warps: int | None = None):
+        """The kernel's prepared launch, for calls with device indices (which
+        always go to the kernel); None when the kernel has none."""
+        prepare = getattr(self.kernel, "prepare", None)
+        if prepare is None:
+            return None
+        launcher = prepare(plan, sm_budget=sm_budget, num_warps=num_warps)
+        if launcher is not None:
+            launcher.on_launch = self._kernel_ran
+        return launcher
+
+    def _kernel_ran(self) -> None:
+        self.last_choice = self.kernel.name
+
+
 def choose_on_gpu(plan: TransferPlan, get) -> tuple[object, str]:
     """``(backend, reason)`` for a plan with a CUDA side; ``get`` maps names to modules."""
     skipped = []

@@ -59,15 +59,32 @@ def available() -> tuple[bool, str]:
 def run(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Tensor,
         *, sm_budget: int | None = None, num_warps: int | None = None,
         stream: "torch.cuda.Stream | None" = None) -> None:
-    if not cuda.bulk_eligible(plan):
-        key = plan.label
-        if key not in _told:
-            _told.add(key)
-            log.info("backend cuda_bulk: %s is not 16-byte aligned throughout (or has address "
-                     "tables); using the register kernel", key)
+    if not _bulk(plan):
         cuda.run(plan, src_indices, dst_indices, sm_budget=sm_budget, num_warps=num_warps,
                  stream=stream)
         return
     cuda.launch(plan, src_indices, dst_indices, kernel=_native.KERNEL_BULK,
                 sm_budget=sm_budget or DEFAULT_SM_BUDGET, num_warps=num_warps or DEFAULT_NUM_WARPS,
                 stream=stream, backend=name, smem_cap=SMEM_PER_BLOCK)
+
+
+def prepare(plan: TransferPlan, *, sm_budget: int | None = None,
+            num_warps: int | None = None) -> cuda.Launcher | None:
+    """:func:`run`'s launch for ``plan``, prepared once (see :class:`cuda.Launcher`)."""
+    if not _bulk(plan):
+        return cuda.prepare(plan, sm_budget=sm_budget, num_warps=num_warps)
+    return cuda.Launcher.of(plan, kernel=_native.KERNEL_BULK, sm_budget=sm_budget or DEFAULT_SM_BUDGET,
+                            num_warps=num_warps or DEFAULT_NUM_WARPS, backend=name,
+                            smem_cap=SMEM_PER_BLOCK)
+
+
+def _bulk(plan: TransferPlan) -> bool:
+    """Whether ``plan`` runs the bulk kernel (else the register kernel, logged once)."""
+    if cuda.bulk_eligible(plan):
+        return True
+    key = plan.label
+    if key not in _told:
+        _told.add(key)
+        log.info("backend cuda_bulk: %s is not 16-byte aligned throughout (or has address "
+                 "tables); using the register kernel", key)
+    return False

@@ -25,6 +25,7 @@ Example (emulated, deferred):
 
 from __future__ import annotations
 
+import ctypes
 import random
 from collections import deque
 from collections.abc import Sequence as _SequenceABC
@@ -37,6 +38,9 @@ __all__ = ["Device", "CudaDevice", "EmulatedDevice", "EmulatedStream", "Emulated
 # fn(stream) runs the work on ``stream`` (the manager's closures call a prepared Transfer).
 Work = Callable[[Any], None]
 # fn(stream, op, layer) runs one layer of the layer-wise transfer ``op`` on ``stream``.
+# It may also have ``all_layers(stream, op, events) -> bool``: every layer in one call,
+# with ``events`` (raw cudaEvent_t handles, one per layer) recorded after each layer;
+# False when it cannot (nothing done), and the layers then run one by one.
 LayerWork = Callable[[Any, Any, int], None]
 
 
@@ -131,18 +135,36 @@ class CudaDevice(Device):
     def launch_layers(self, stream, work: LayerWork, op: Any, num_layers: int) -> Sequence:
         pool = self._layer_events
         events = pool.pop() if pool and len(pool[-1]) == num_layers else \
-            [torch.cuda.Event() for _ in range(num_layers)]
-        for layer, event in enumerate(events):
-            work(stream, op, layer)
-            event.record(stream)
+            self._new_layer_events(num_layers, stream)
+        all_layers = getattr(work, "all_layers", None)
+        if all_layers is None or not all_layers(stream, op, events.handles):
+            for layer, event in enumerate(events):
+                work(stream, op, layer)
+                self.record(event, stream)
         return events
 
     def release_layer_events(self, events: Sequence) -> None:
         self._layer_events.append(events)
 
+    def _new_layer_events(self, num_layers: int, stream) -> "_EventList":
+        """Events for a layer-wise launch, each recorded once so that it exists
+        (torch makes a CUDA event on its first record), with their raw handles."""
+        events = _EventList(self.event() for _ in range(num_layers))
+        for event in events:
+            self.record(event, stream)
+        events.handles = (ctypes.c_void_p * num_layers)(*[e.cuda_event for e in events])
+        return events
+
     def priority_range(self) -> tuple[int, int]:
         # through an instance: static in some torch versions, a method in others
         return tuple(torch.cuda.current_stream(self.device).priority_range())
+
+
+class _EventList(list):
+    """A layer-wise launch's events, and their raw handles (``handles``: a ctypes
+    array, what a compiled launch records)."""
+
+    handles = None
 
 
 class EmulatedStream:

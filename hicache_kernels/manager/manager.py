@@ -53,7 +53,6 @@ import numbers
 import time
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, fields
-from functools import partial
 from itertools import repeat
 from typing import Callable, Hashable, Sequence
 
@@ -63,7 +62,7 @@ import torch
 from ..buffers import KVBuffer
 from ..layouts import KVLayout, LayoutKind
 from ..nvtx_ranges import enabled as _nvtx_enabled, nvtx_range
-from ..ops import Transfer
+from ..ops import Transfer, prepare_layers
 from ..plan import indices_to
 from .device import CudaDevice, Device, EmulatedDevice
 from .host_pool import HostPool, check_host_memory, host_pool_slots
@@ -385,18 +384,44 @@ def _run_transfer(transfer: Transfer, src: torch.Tensor, dst: torch.Tensor, cuda
     transfer(src, dst, stream=stream if cuda else None, check=False)
 
 
-def _run_load_layer(transfers: list[Transfer], cuda: bool, stream, handle: "LoadHandle",
-                    layer: int) -> None:
-    # The first layer's launch makes the index tensors (on GPU: copied on the load
-    # stream, ahead of every layer). Valid by construction: no bounds check (a sync).
-    src, dst = handle._src, handle._dst
-    if src is None:
-        src, dst = handle._make_indices(stream)
-    if _nvtx_enabled():
-        with nvtx_range(f"hicache.load L{layer} n={len(handle.page_ids) * handle._manager.page_size}"):
-            transfers[layer](src, dst, stream=stream if cuda else None, check=False)
-    else:
-        transfers[layer](src, dst, stream=stream if cuda else None, check=False)
+class _LoadLayers:
+    """A load's per-layer work. ``self(stream, handle, layer)`` runs one layer's
+    transfer; ``all_layers(stream, handle, events)`` runs every layer in one
+    compiled call, recording ``events[i]`` after layer ``i`` (the CUDA device uses
+    it), and returns False, having launched nothing, where that cannot be done
+    (no CUDA kernel backend, NVTX ranges on): the device then runs the layers one by one.
+
+    The first layer's launch makes the index tensors (on GPU: copied on the load
+    stream, ahead of every layer). Valid by construction: no bounds check (a sync).
+    """
+
+    def __init__(self, transfers: list[Transfer], cuda: bool):
+        self.transfers = transfers
+        self.cuda = cuda
+        self._layers = None   # ops.prepare_layers(transfers), made on first use; False: none
+
+    def __call__(self, stream, handle: "LoadHandle", layer: int) -> None:
+        src, dst = handle._src, handle._dst
+        if src is None:
+            src, dst = handle._make_indices(stream)
+        if _nvtx_enabled():
+            with nvtx_range(f"hicache.load L{layer} n={len(handle.page_ids) * handle._manager.page_size}"):
+                self.transfers[layer](src, dst, stream=stream if self.cuda else None, check=False)
+        else:
+            self.transfers[layer](src, dst, stream=stream if self.cuda else None, check=False)
+
+    def all_layers(self, stream, handle: "LoadHandle", events) -> bool:
+        if _nvtx_enabled():     # one range per layer: the layers one by one
+            return False
+        layers = self._layers
+        if layers is None:
+            layers = self._layers = prepare_layers(self.transfers) or False
+        if not layers:
+            return False
+        src, dst = handle._src, handle._dst
+        if src is None:
+            src, dst = handle._make_indices(stream)
+        return layers(src, dst, stream=stream if self.cuda else None, events=events, check=False)
 
 
 # not sequences of page ids, though iterable: a string's characters, a tensor's
@@ -581,7 +606,7 @@ class HiCacheManager:
         self._load_transfers = [Transfer(host, device_pool, layers=l, **opts)
                                 for l in range(self.num_layers)]
         self._backup_transfer = Transfer(device_pool, host, **opts)
-        self._load_layer = partial(_run_load_layer, self._load_transfers, self._cuda)
+        self._load_layer = _LoadLayers(self._load_transfers, self._cuda)
 
         self._events: list = []
         self._loads: list[LoadHandle] = []       # in flight, in stream order

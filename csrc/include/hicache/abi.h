@@ -7,7 +7,7 @@
 
 #include <stdint.h>
 
-#define HCK_ABI_VERSION 2
+#define HCK_ABI_VERSION 3
 
 /* Return codes of the hck_* functions: 0 is success, a positive value is a
  * cudaError_t, a negative one is ours; hck_last_error() has the sentence. */
@@ -33,7 +33,10 @@ typedef struct HckSide {
 } HckSide;
 
 /* Copy items src.indices[i] -> dst.indices[i] in every plane, each item
- * n_chunks chunks of chunk_bytes contiguous bytes on both sides. */
+ * n_chunks chunks of chunk_bytes contiguous bytes on both sides.
+ * hck_copy_items takes one whole description; hck_copy_prepared takes
+ * descriptions filled once and sets src.indices, dst.indices, n_items and
+ * stream from its arguments on every call (what they hold there is ignored). */
 typedef struct HckCopyDesc {
   HckSide src;
   HckSide dst;
