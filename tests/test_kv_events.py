@@ -400,9 +400,7 @@ def test_e2e_bench_publishes_kv_events(tmp_path, capsys, monkeypatch):
         seqs.append(int.from_bytes(seq, "big"))
         events.extend(decoder.decode(payload).events)
     sub.close()
-    # ZMQ drops what is sent before the subscriber's connection is up (it reconnects every
-    # 100 ms until the bench binds), so the first batches may be missed; the rest all come
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and len(seqs) > 3   # in order, no gap
+    assert seqs == list(range(len(seqs))) and len(seqs) > 3      # every batch, in order
     kinds = {(type(e).__name__, getattr(e, "medium", None)) for e in events}
     assert {("BlockStored", "GPU"), ("BlockStored", "CPU_TIER1"), ("BlockRemoved", "GPU")} <= kinds
     assert kinds <= {("BlockStored", "GPU"), ("BlockStored", "CPU_TIER1"), ("BlockRemoved", "GPU"),
