@@ -12,6 +12,8 @@ Targets (on a 2-core development VM), for the whole call:
 - ``load()`` of 8192 tokens (128 pages), 32 layers: <= 20 us; one layer no worse
 - ``handle.wait(layer)``: <= 5 us
 - issuing a load's launches: <= 1 us of Python per layer above the driver's launch
+- one prepared ``Transfer`` call, as the manager makes it: <= 1 us above the driver's
+  launch (measured with the library's host logic included, the launch stubbed)
 
 Geometry: Llama-3.1-8B (32 layers, 8 KV heads x 128, bf16), 64-token pages. The pools
 are never touched (memory stays virtual). The other serving-loop calls (hit, lookup,
@@ -322,9 +324,10 @@ def test_load_with_its_launches_issued(benchmark, stubbed, monkeypatch, variant)
     mgr.close()
 
 
-def test_launch_cost_per_layer(stubbed):
+def test_launch_cost_per_layer(stubbed, twin_library):
     """Issuing a prepared load's launches: one compiled call for every layer's launch and
-    event record (target <= 1 us per layer), next to one prepared Transfer call."""
+    event record (target <= 1 us per layer), next to one prepared Transfer call (target
+    <= 1 us, the library's own host logic included: its C part is reported apart)."""
     mgr, ids = _launching_manager(stubbed)
     handle = mgr.load(ids)
     src, dst = handle._src, handle._dst
@@ -333,18 +336,30 @@ def test_launch_cost_per_layer(stubbed):
     assert layers, "the load was launched in one compiled call"
     per_load = _time_call(lambda: layers(src, dst, events=events.handles, check=False))
     one = mgr._load_transfers[7]
-    per_call = _time_call(lambda: one(src, dst, check=False))
+    launcher = one.launcher()
+    assert launcher.compiled is not None, "csrc/ops/prepared.c was not built"
+    per_call = _time_call(lambda: one(src, dst, stream=None, check=False))   # as the manager calls
+    positional = _time_call(lambda: one(src, dst))
+    library = twin_library.library_ns(launcher, src, dst) / 1e3
     per_layer = per_load / LAYERS
     print(f"\nlaunching a load's {LAYERS} layers (one compiled call, launch stubbed): "
           f"{per_load:.2f} us, {per_layer:.2f} us per layer (target <= {TARGET_LAUNCH_US_PER_LAYER}); "
-          f"one prepared Transfer call: {per_call:.2f} us")
+          f"one prepared Transfer call: {per_call:.2f} us as the manager makes it, "
+          f"{positional:.2f} us with the indices alone (target <= {TARGET_CALL_US}), of which the "
+          f"library's host logic in C {library:.2f} us")
     mgr.close()
     assert per_layer <= TARGET_LAUNCH_US_PER_LAYER, \
         f"launching a load: {per_layer:.2f} us per layer, target {TARGET_LAUNCH_US_PER_LAYER} us"
+    assert per_call <= TARGET_CALL_US, \
+        f"one prepared Transfer call: {per_call:.2f} us, target {TARGET_CALL_US} us"
 
 
-def _time_call(call) -> float:
-    return median_us(call, ROUNDS, 20)
+TARGET_CALL_US = 1.0
+
+
+def _time_call(call, repeats: int = 5) -> float:
+    """The lowest of ``repeats`` medians (a shared machine's noise only adds)."""
+    return min(median_us(call, ROUNDS // repeats, 20) for _ in range(repeats))
 
 
 # -- next to SGLang's own controller --------------------------------------------------------------

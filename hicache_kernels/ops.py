@@ -39,7 +39,7 @@ from .nvtx_ranges import enabled as nvtx_enabled, nvtx_range
 from .plan import PlaneSet, TransferPlan, indices_to
 
 __all__ = ["Transfer", "transfer", "load_layer", "backup_all_layers", "execute", "launch_prepared",
-           "prepare_layers", "PreparedLayers"]
+           "prepare_layers", "PreparedLayers", "run_on_host"]
 
 
 class Transfer:
@@ -110,7 +110,9 @@ class Transfer:
         launcher = self._launcher
         if launcher is None:
             launcher = self.launcher()
-        if launcher and launch_prepared(launcher, src_indices, dst_indices, stream, check):
+        if launcher and (launcher.compiled(src_indices, dst_indices, stream, check)
+                         if _compiled is not None else
+                         launch_prepared(launcher, src_indices, dst_indices, stream, check)):
             return
         execute(self.plan, src_indices, dst_indices, backend_module=self.backend,
                 sm_budget=self.sm_budget, num_warps=self.num_warps, stream=stream, check=check)
@@ -184,22 +186,35 @@ def execute(plan: TransferPlan, src_indices: torch.Tensor, dst_indices: torch.Te
     return backend_module.name
 
 
+def run_on_host(plan: TransferPlan, backend_module: ModuleType, src_indices: torch.Tensor,
+                dst_indices: torch.Tensor, largest: tuple[int | None, int | None]) -> bool:
+    """:func:`execute` for indices the caller has checked and measured: int64, 1-D,
+    contiguous CPU tensors of one length, whose largest values are ``largest`` (None:
+    no index). Runs ``plan`` on a backend that reads indices on the host (the copy
+    engines) when every index is in range, on the current stream. Returns False,
+    having done nothing, otherwise (another backend, an index out of range, NVTX
+    ranges on): :func:`execute` then takes the call (and raises, naming the index).
+    """
+    if not getattr(backend_module, "host_indices", False) or _nvtx._enabled:
+        return False
+    for side, top in zip((plan.src, plan.dst), largest):
+        if top is not None and side.num_slots is not None and top >= side.num_slots:
+            return False
+    backend_module.run(plan, src_indices, dst_indices, sm_budget=None, num_warps=None, stream=None)
+    return True
+
+
 # -- prepared launches -------------------------------------------------------------
 
 _Tensor = torch.Tensor
 _INT64 = torch.int64
-_UNIT_STRIDE = (1,)
-try:   # the compiled half of launch_prepared (csrc/ops/prepared.c); None: Python does it
-    from . import _prepared as _compiled
-    _compiled.setup(_Tensor, _INT64)
-except ImportError:
-    _compiled = None
+_compiled = _cuda._prepared   # the compiled half of launch_prepared (csrc/ops/prepared.c); None: Python
 
 
 def launch_prepared(launcher, src_indices, dst_indices, stream=None, check: bool | None = None,
                     events=None) -> bool:
     """Run a prepared launch (``Transfer.launcher()``) when the indices can go
-    straight to its kernel: exactly ``torch.Tensor`` s of int64, strides ``(1,)``,
+    straight to its kernel: exactly ``torch.Tensor`` s of int64, 1-D and contiguous,
     of one length, on the kernel's device, and no bounds check asked for (``check``
     True), no NVTX ranges on. Returns False, having done nothing, otherwise: the
     checked path (:func:`execute`) then takes the call and moves the same bytes (or
@@ -210,19 +225,13 @@ def launch_prepared(launcher, src_indices, dst_indices, stream=None, check: bool
     recorded on it (``record_stream``), so that their memory is not reused before
     the stream has read them, however soon the caller drops them.
     """
+    if _compiled is not None:
+        return launcher.compiled(src_indices, dst_indices, stream, check, events)
     if check or _nvtx._enabled:
         return False
-    index = launcher.index
-    if _compiled is not None:
-        rc = _compiled.launch(launcher.fn_address, launcher.descs_address, launcher.n, index,
-                              src_indices, dst_indices, launcher.raw_stream(stream), events)
-        if rc is False:
-            return False
-        if rc is not True:
-            launcher.check(rc)
-    elif not _launch_in_python(launcher, index, src_indices, dst_indices, stream, events):
+    if not _launch_in_python(launcher, src_indices, dst_indices, stream, events):
         return False
-    if stream is not None and index >= 0:
+    if stream is not None and launcher.index >= 0:
         src_indices.record_stream(stream)
         dst_indices.record_stream(stream)
     if launcher.on_launch is not None:
@@ -230,13 +239,15 @@ def launch_prepared(launcher, src_indices, dst_indices, stream=None, check: bool
     return True
 
 
-def _launch_in_python(launcher, index: int, src_indices, dst_indices, stream, events) -> bool:
+def _launch_in_python(launcher, src_indices, dst_indices, stream, events) -> bool:
     """``launch_prepared``'s checks and call without its compiled half: the same answers."""
+    device = launcher.device
     try:
         if (type(src_indices) is not _Tensor or type(dst_indices) is not _Tensor
                 or src_indices.dtype is not _INT64 or dst_indices.dtype is not _INT64
-                or src_indices.stride() != _UNIT_STRIDE or dst_indices.stride() != _UNIT_STRIDE
-                or src_indices.get_device() != index or dst_indices.get_device() != index):
+                or src_indices.dim() != 1 or dst_indices.dim() != 1
+                or not src_indices.is_contiguous() or not dst_indices.is_contiguous()
+                or src_indices.device != device or dst_indices.device != device):
             return False
         n_items = src_indices.numel()
         if dst_indices.numel() != n_items:

@@ -55,9 +55,10 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import backends
+from . import ops as _ops
 from .buffers import KVBuffer
 from .layouts import KVLayout, LayoutKind, PlaneAddressing
-from .ops import check_devices, check_launch_options, execute, launch_prepared
+from .ops import check_devices, check_launch_options, execute, launch_prepared, run_on_host
 from .plan import PlaneSet, TransferPlan, tensor_at
 
 __all__ = [
@@ -234,13 +235,20 @@ def clear_plan_cache() -> None:
 
 def _key(form: str, tensors: Sequence, tables: Sequence = (), *scalars) -> tuple | None:
     """The cache key of a call: per tensor, its allocation (by identity), where in it
-    the tensor starts, its shape, strides and dtype; per address table also its
-    contents' version (bumped by in-place writes); the scalars with their types
-    (``True == 1``). None when an argument is not a tensor (the builder names it)."""
+    the tensor starts, its shape, strides and dtype (and device); per address table
+    also its contents' version (bumped by in-place writes); the scalars with their
+    types (``True == 1``). None when an argument is not a tensor (the builder names
+    it). The tensors' part is read in C where ``_prepared`` can (one C call for the
+    list; see ``csrc/ops/prepared.c``), else here: the same names, spelled apart."""
     key = [form, *map(type, scalars), *scalars]
+    compiled = _ops._compiled
+    named = compiled.tensor_key(tensors) if compiled is not None and tensors else None
     try:
-        for t in tensors:
-            key += (t.untyped_storage()._cdata, t.data_ptr(), t.shape, t.stride(), t.dtype)
+        if named is not None:
+            key.append(named)
+        else:
+            for t in tensors:
+                key += (t.untyped_storage()._cdata, t.data_ptr(), t.shape, t.stride(), t.dtype)
         for t in tables:
             key += (t.untyped_storage()._cdata, t.data_ptr(), t.shape, t.stride(), t.dtype,
                     _contents_version(t))
@@ -582,6 +590,37 @@ def _per_layer_rows(name: str, tensors: list[torch.Tensor]) -> PlaneSet | None:
     )
 
 
+# How each side's indices reach the plan: as given (slots), or each page's first index
+# expanded to its page: the page holding it (a host pool's page) or the run starting there.
+AS_GIVEN, WHOLE_PAGE, RUN_FROM = 0, 1, 2
+
+
+def _direct_indices(src_indices, dst_indices, page_size, src_mode: int, dst_mode: int):
+    """``(given, run)``: ``given`` the indices as CPU tensors, checked as whole pages
+    (raising, naming the argument); ``run``, where computed in C (CPU indices that
+    pass), ``(src, dst, src_largest, dst_largest)``: what the plan reads (``*_mode``
+    applied) and the largest index of each, else None (:func:`_run_pages` expands)."""
+    compiled = _ops._compiled
+    if compiled is not None:
+        run = compiled.direct_indices(src_indices, dst_indices, page_size, src_mode, dst_mode)
+        if run is not None:
+            return (src_indices, dst_indices), run
+    return _page_runs(src_indices, dst_indices, page_size), None
+
+
+def _run_pages(entry: _Entry, given, run, page_size: int, src_mode: int, dst_mode: int) -> None:
+    """Run a direct form's plan: on the copy engines straight from the indices and
+    their largest values found in C, else through :func:`_run` (the checked path)."""
+    if run is not None:
+        src, dst, src_top, dst_top = run
+        if run_on_host(entry.plan, entry.module, src, dst, (src_top, dst_top)):
+            return
+    else:
+        src, dst = (idx if mode == AS_GIVEN else _expand_pages(idx, page_size, mode == WHOLE_PAGE)
+                    for idx, mode in zip(given, (src_mode, dst_mode)))
+    _run(entry, src, dst, None, None)
+
+
 def _page_runs(src_indices, dst_indices, page_size: int):
     """CPU copies of the indices, checked as whole pages."""
     if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size <= 0:
@@ -648,7 +687,7 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
     sides with no kernel. Any strides."""
     src_list = _tensor_list("src_layers", src_layers)
     dst_list = _tensor_list("dst_layers", dst_layers)
-    src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
+    given, run = _direct_indices(src_indices, dst_indices, page_size, AS_GIVEN, AS_GIVEN)
     src_names = _names("src_layers", len(src_list))
     dst_names = _names("dst_layers", len(dst_list))
 
@@ -666,9 +705,9 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
     entry = _plan_for(_key("direct", tensors, (), len(src_list)), tensors, build,
                              direct=True)
     if entry.plan is None:
-        _copy_slot_runs(src_names, src_list, dst_names, dst_list, src_idx, dst_idx)
+        _copy_slot_runs(src_names, src_list, dst_names, dst_list, *given)
     else:
-        _run(entry, src_idx, dst_idx, None, None)
+        _run_pages(entry, given, run, page_size, AS_GIVEN, AS_GIVEN)
 
 
 def _direct_pools(name: str, pools: list[torch.Tensor], page_size: int,
@@ -759,7 +798,7 @@ def transfer_kv_per_layer_direct_pf_lf(src_ptrs, dst_ptrs, src_indices, dst_indi
     if len(src_list) not in (1, 2) or len(dst_list) % len(src_list):
         raise ValueError(f"dst_ptrs: expected K layers then V layers for {len(src_list)} source "
                          f"pools, got {len(dst_list)} tensors")
-    src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
+    given, run = _direct_indices(src_indices, dst_indices, page_size, WHOLE_PAGE, RUN_FROM)
     src_names = _names("src_ptrs", len(src_list))
     dst_names = _names("dst_ptrs", len(dst_list))
     layers = range(_one_layer(layer_id).start, layer_id + len(dst_list) // len(src_list))
@@ -775,11 +814,10 @@ def transfer_kv_per_layer_direct_pf_lf(src_ptrs, dst_ptrs, src_indices, dst_indi
     key = _key("direct_pf_lf", tensors, (), len(src_list), layer_id, page_size)
     entry = _plan_for(key, tensors, build, direct=True)
     if entry.plan is None:
-        _copy_pages(src_list, src_names, dst_list, dst_names, layers, src_idx, dst_idx, page_size,
+        _copy_pages(src_list, src_names, dst_list, dst_names, layers, *given, page_size,
                     to_pool=False)
         return
-    _run(entry, _expand_pages(src_idx, page_size, True),
-         _expand_pages(dst_idx, page_size, False), None, None)
+    _run_pages(entry, given, run, page_size, WHOLE_PAGE, RUN_FROM)
 
 
 def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indices, page_size):
@@ -791,7 +829,7 @@ def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indi
     if len(dst_list) not in (1, 2) or len(src_list) % len(dst_list):
         raise ValueError(f"src_ptrs: expected K layers then V layers for {len(dst_list)} "
                          f"destination pools, got {len(src_list)} tensors")
-    src_idx, dst_idx = _page_runs(src_indices, dst_indices, page_size)
+    given, run = _direct_indices(src_indices, dst_indices, page_size, RUN_FROM, WHOLE_PAGE)
     src_names = _names("src_ptrs", len(src_list))
     dst_names = _names("dst_ptrs", len(dst_list))
     layers = range(len(src_list) // len(dst_list))
@@ -807,11 +845,10 @@ def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indi
     entry = _plan_for(_key("direct_lf_pf", tensors, (), len(src_list), page_size), tensors,
                              build, direct=True)
     if entry.plan is None:
-        _copy_pages(dst_list, dst_names, src_list, src_names, layers, dst_idx, src_idx, page_size,
+        _copy_pages(dst_list, dst_names, src_list, src_names, layers, given[1], given[0], page_size,
                     to_pool=True)
         return
-    _run(entry, _expand_pages(src_idx, page_size, False),
-         _expand_pages(dst_idx, page_size, True), None, None)
+    _run_pages(entry, given, run, page_size, RUN_FROM, WHOLE_PAGE)
 
 
 # -- the other two names SGLang imports -------------------------------------------------------

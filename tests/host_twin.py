@@ -82,6 +82,19 @@ class Twin:
         n = min(n, self.lib.hck_twin_log(out, n))
         return [tuple(out[4 * i:4 * i + 4]) for i in range(n)]
 
+    def library_ns(self, launcher, src_indices, dst_indices, reps: int = 100_000) -> float:
+        """Nanoseconds per call of ``launcher``'s library call alone, timed in C (set
+        ``mode(execute=False)`` first to time the host logic with the launch stubbed)."""
+        fn = self.lib.hck_twin_time_prepared
+        fn.restype = ctypes.c_double
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64]
+        ns = fn(launcher.descs_address, launcher.n, src_indices.data_ptr(), dst_indices.data_ptr(),
+                src_indices.numel(), reps)
+        if ns < 0:
+            raise RuntimeError(f"{launcher.what}: {self.lib.hck_last_error().decode()}")
+        return ns
+
     def target(self, plan, kernel, backend) -> cuda.Target:
         """What ``cuda.target`` returns once installed: this library, the CPU as the
         device (its tensors are what the kernel reads), a fake stream's ``raw``."""

@@ -23,6 +23,7 @@ from test_transfer import assert_buffers_equal, like, make_device_pool, make_hos
 
 import hicache_kernels.sglang as kvio
 from hicache_kernels import KVBuffer, KVLayout, Transfer, nvtx_ranges, ops
+from hicache_kernels.backends import cuda
 from hicache_kernels.manager import EmulatedDevice, HiCacheManager
 from hicache_kernels.manager import manager as manager_module
 
@@ -34,14 +35,17 @@ def twin_library(tmp_path_factory):
     return host_twin.Twin(host_twin.build(tmp_path_factory.mktemp("twin")))
 
 
-@pytest.fixture(params=["compiled", "python"])
+@pytest.fixture(params=["compiled", "compiled methods", "python"])
 def twin(request, twin_library, monkeypatch):
     """The ``cuda`` backend on CPU tensors, launching into the twin; the prepared
-    launches' per-call half compiled (csrc/ops/prepared.c) or in Python."""
+    launches' per-call half compiled (csrc/ops/prepared.c, reading tensors through
+    DLPack's exchange table, or through their methods) or in Python."""
     if request.param == "python":
         monkeypatch.setattr(ops, "_compiled", None)
     else:
         assert ops._compiled is not None, "csrc/ops/prepared.c was not built"
+    if request.param == "compiled methods":
+        request.getfixturevalue("read_by_methods")
     return host_twin.install(monkeypatch, twin_library)
 
 
@@ -166,35 +170,57 @@ def test_strided_indices_and_nvtx_ranges_take_the_checked_path(twin, checked, mo
     assert len(checked) == 2, "with NVTX ranges on, each transfer is a range: the checked path"
 
 
-def _decisions(launcher, cases, index):
-    """launch_prepared's answer for each case, with the launcher's device index set."""
-    launcher.index = index
-    try:
-        return [ops.launch_prepared(launcher, src, dst) for src, dst in cases]
-    finally:
-        launcher.index = -1
+def _on_device(launcher, index: int):
+    """``launcher``'s descriptions prepared as if for CUDA device ``index``."""
+    other = cuda.Launcher.__new__(cuda.Launcher)
+    tgt = launcher.target
+    other._set(cuda.Target(tgt.lib, torch.device("cuda", index), index, tgt.raw_stream), launcher._descs,
+               launcher.what, launcher._keep)
+    return other
+
+
+@pytest.fixture
+def read_by_methods():
+    """The compiled half reading tensors through their Python methods (a torch without
+    DLPack's exchange table), restored afterwards."""
+    assert cuda.setup_compiled(None) is False
+    yield
+    cuda.setup_compiled()
 
 
 def test_compiled_and_python_checks_give_the_same_answers(twin_library, monkeypatch, gen):
-    """Which index tensors go straight to the kernel: the same in C and in Python."""
+    """Which index tensors go straight to the kernel: the same in C (tensors read through
+    DLPack's exchange table, or through their methods) and in Python."""
     host_twin.install(monkeypatch, twin_library)
     twin_library.mode(execute=False)
     host = make_host("page_first", mla=False, dtype=torch.bfloat16, page_size=4, head_dim=8, gen=gen)
     launcher = Transfer(host, make_device_pool(host, slots=32), layers=0, backend="cuda").launcher()
+    elsewhere = _on_device(launcher, 3)
     good = torch.arange(6)
     cases = [(good, good), (good, torch.arange(5)), (torch.arange(6, dtype=torch.int32), good),
              (good, torch.arange(12)[::2]), (good.view(2, 3), good.view(2, 3)), (good[:1], good[3:4]),
              (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)),
              (torch.tensor(3), torch.tensor(3)), (torch.nn.Parameter(good.float(), False), good),
              (good.to_sparse(), good), ([0, 1], good), (good, None), (good.expand(6), good),
-             (torch.arange(6).as_strided((6,), (0,)), good)]
-    compiled = _decisions(launcher, cases, -1) + _decisions(launcher, cases[:1], 3)
+             (torch.arange(6).as_strided((6,), (0,)), good),
+             (torch.arange(12)[::5][:1], good[:1]),           # one index, stride 5: read as is
+             (good.view(6, 1), good), (good.to(torch.uint64), good)]
+
+    def decisions():
+        return ([ops.launch_prepared(launcher, src, dst) for src, dst in cases]
+                + [ops.launch_prepared(elsewhere, good, good)])
+    by_dlpack = decisions()
+    assert cuda.setup_compiled(None) is False
+    try:
+        by_methods = decisions()
+    finally:
+        cuda.setup_compiled()
     monkeypatch.setattr(ops, "_compiled", None)
-    python = _decisions(launcher, cases, -1) + _decisions(launcher, cases[:1], 3)
-    assert compiled == python
-    assert compiled == [True, False, False, False, False, True, True, False, False, False, False,
-                        False, True, False, False]
-    assert [e[0] for e in twin_library.log()] == [LAUNCH] * 6, "three non-empty launches per path"
+    python = decisions()
+    assert by_dlpack == by_methods == python
+    assert python == [True, False, False, False, False, True, True, False, False, False, False,
+                      False, True, False, True, False, False, False]
+    assert [e[0] for e in twin_library.log()] == [LAUNCH] * 12, "four non-empty launches per path"
 
 
 def test_tables_that_need_converting_keep_the_checked_path(twin, checked, gen):

@@ -207,6 +207,95 @@ def test_bad_page_input_writes_nothing(backend, gen):
         assert (d.view(torch.uint8) == 0xA5).all()
 
 
+# -- the indices, checked and expanded in C or in Python -------------------------------------
+
+@pytest.fixture(params=["compiled", "python"])
+def index_path(request, monkeypatch):
+    """The direct forms' indices checked, expanded and bounded in C (csrc/ops/prepared.c,
+    one call) or in Python (torch ops, then the checked path's bounds check)."""
+    if request.param == "python":
+        monkeypatch.setattr(kvio._ops, "_compiled", None)
+    elif kvio._ops._compiled is None:
+        pytest.skip("hicache_kernels._prepared is not built")
+    return request.param
+
+
+def _oob_call(form, side, gen):
+    """A direct form on contiguous tensors (one plan) with one page out of range on
+    ``side``; returns (the call, what it must write nothing to, the error)."""
+    s, t = page_indices(N, N, 3, gen)
+    idx = s if side == "src" else t
+    if form == "transfer_kv_direct":
+        src = [rnd((N, 2, 8), torch.bfloat16, gen) for _ in range(2)]
+        dst = [poisoned((N, 2, 8), torch.bfloat16) for _ in range(2)]
+        idx[-1] = N + 1                                   # any index, not only a page's first
+        return (lambda: kvio.transfer_kv_direct(src, dst, s, t, P)), dst, \
+            rf"{side}_indices: largest index {N + 1} is out of range for {side}_layers with {N} slots"
+    per_layer = [rnd((N, 2, 8), torch.bfloat16, gen) for _ in range(2 * L)]
+    pools = [rnd((N // P, L, P, 2, 8), torch.bfloat16, gen) for _ in range(2)]
+    if form == "transfer_kv_per_layer_direct_pf_lf":
+        dst = [poisoned((N, 2, 8), torch.bfloat16) for _ in range(2)]
+        call = lambda: kvio.transfer_kv_per_layer_direct_pf_lf(pools, dst, s, t, 1, P)   # noqa: E731
+        pooled = side == "src"
+    else:
+        dst = [poisoned((N // P, L, P, 2, 8), torch.bfloat16) for _ in range(2)]
+        call = lambda: kvio.transfer_kv_all_layer_direct_lf_pf(per_layer, dst, s, t, P)  # noqa: E731
+        pooled = side == "dst"
+    idx[-P:] = -7                          # only a page's first index counts
+    idx[-P] = N + 1 if pooled else N - 1   # the page past the pool's end; a run past the end
+    largest = N + P - 1 if pooled else N + P - 2
+    name = ("src_ptrs" if side == "src" else "dst_ptrs")
+    return call, dst, rf"{side}_indices: largest index {largest} is out of range for {name} with {N} slots"
+
+
+@pytest.mark.parametrize("side", ["src", "dst"])
+@pytest.mark.parametrize("form", ["transfer_kv_direct", "transfer_kv_per_layer_direct_pf_lf",
+                                  "transfer_kv_all_layer_direct_lf_pf"])
+def test_an_index_out_of_range_raises_and_writes_nothing(backend, index_path, gen, form, side):
+    call, dst, match = _oob_call(form, side, gen)
+    with pytest.raises(IndexError, match=f"^{match}$"):
+        call()
+    for d in dst:
+        assert (d.view(torch.uint8) == 0xA5).all()
+    one_plan(True)
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 4, 64])
+def test_indices_expanded_in_c_match_python(gen, page_size):
+    compiled = kvio._ops._compiled
+    if compiled is None:
+        pytest.skip("hicache_kernels._prepared is not built")
+    pages = 9
+    first = torch.randint(-3 * page_size, 50 * page_size, (pages,), generator=gen)
+    first[::4] = -1                                           # padding pages
+    idx = (first[:, None] + torch.randint(-5, 5, (pages, page_size), generator=gen)).reshape(-1)
+    idx[::page_size] = first
+    other = torch.randint(0, 1000, (pages * page_size,), generator=gen)
+    for src_mode in (kvio.AS_GIVEN, kvio.WHOLE_PAGE, kvio.RUN_FROM):
+        for dst_mode in (kvio.AS_GIVEN, kvio.WHOLE_PAGE, kvio.RUN_FROM):
+            src, dst, src_top, dst_top = compiled.direct_indices(idx, other, page_size, src_mode,
+                                                                 dst_mode)
+            for got, top, given, mode in ((src, src_top, idx, src_mode), (dst, dst_top, other, dst_mode)):
+                want = given if mode == kvio.AS_GIVEN else \
+                    kvio._expand_pages(given, page_size, mode == kvio.WHOLE_PAGE)
+                assert torch.equal(got, want), (mode, page_size)
+                assert top == int(want.max())
+                if mode == kvio.AS_GIVEN:
+                    assert got is given
+    empty = torch.empty(0, dtype=torch.int64)
+    assert compiled.direct_indices(empty, empty, page_size, 1, 2)[2:] == (None, None)
+    n = pages * page_size
+    good = torch.arange(n)
+    declined = [(good.int(), good, page_size), (good, good[:-page_size], page_size),
+                (good.view(1, -1), good, page_size), (torch.arange(2 * n)[::2], good, page_size),
+                (torch.nn.Parameter(good, requires_grad=False), good, page_size), ([0] * n, good, page_size),
+                (good, good, 0), (good, good, True), (good.to(torch.uint64), good, page_size)]
+    if page_size > 1:   # not whole pages; a page that would run past the largest int64
+        declined += [(good[:-1], good[:-1], page_size), (torch.full((n,), 2 ** 63 - 2), good, page_size)]
+    for args in declined:
+        assert compiled.direct_indices(*args, kvio.RUN_FROM, kvio.WHOLE_PAGE) is None, args
+
+
 # -- transfer_embedding_ranges_direct -------------------------------------------------------
 
 @pytest.mark.parametrize("width", [37, 64])

@@ -247,3 +247,43 @@ def test_the_premise_a_weak_reference_reserves_an_allocations_identity():
     # else this test could not tell (the allocator's state decides; a few tries find it)
     assert any(reused(hold=False) > 0 for _ in range(20))
     assert reused(hold=True) == 0
+
+
+def test_keys_in_c_name_the_allocation_the_weak_references_reserve():
+    """The key read in C names a tensor's allocation by the same identity that
+    ``untyped_storage()._cdata`` gives, the one an entry's weak references reserve."""
+    storage_id = (getattr(torch._C, "_storage_address", None)
+                  or getattr(torch._C, "_storage_id", None))
+    if storage_id is None or kvio._ops._compiled is None:
+        pytest.skip("this torch (or build) names allocations in Python only")
+    pool = torch.empty(16, 8)
+    for t in (pool, pool[3:], pool.t(), pool.view(torch.uint8)):
+        assert storage_id(t) == t.untyped_storage()._cdata
+
+
+def test_keys_in_c_and_python_tell_the_same_tensors_apart(monkeypatch):
+    """Whether two calls share a plan: the same answer with the tensors named in C
+    (one call for the list) and in Python, over views that differ in one way each."""
+    pool = torch.empty(16, 4, 8, dtype=torch.bfloat16)
+    twin = torch.empty(16, 4, 8, dtype=torch.bfloat16)   # the same geometry, other memory
+    variants = [
+        [pool], [pool[:]], [pool[0:8]], [pool[0:8]], [pool[8:16]], [pool[1:9]],
+        [pool.view(torch.float16)], [pool.view(torch.uint8)], [pool.view(16, 32)],
+        [pool.transpose(1, 2)], [pool[:, :2]], [pool[::2]], [pool[0:1]], [pool[0:1, :, :]],
+        [twin], [pool, twin], [twin, pool], [pool, pool], [pool.unsqueeze(0)], [pool.flatten()],
+        [pool.int()],
+    ]
+
+    def keys():
+        return [kvio._key("form", v) for v in variants]
+    in_c = keys()
+    assert all(isinstance(k[-1], type(in_c[0][-1])) for k in in_c)
+    monkeypatch.setattr(kvio._ops, "_compiled", None)
+    in_python = keys()
+    if in_c == in_python:
+        pytest.skip("_prepared is not built: both are Python's keys")
+    def pairs(keys):
+        return {(i, j) for i in range(len(keys)) for j in range(i + 1, len(keys)) if keys[i] == keys[j]}
+    # new views of the same memory and geometry, and only those, share a plan
+    assert pairs(in_c) == pairs(in_python) == {(0, 1), (2, 3), (12, 13)}
+    assert len({hash(k) for k in in_c}) == len(variants) - 3

@@ -31,8 +31,28 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from .. import nvtx_ranges
 from ..plan import TransferPlan, address_table
 from . import _native
+
+try:   # a prepared launch's per-call half, compiled (csrc/ops/prepared.c); None: Python does it
+    from .. import _prepared
+except ImportError:
+    _prepared = None
+
+
+def setup_compiled(exchange=getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)) -> bool:
+    """Point ``_prepared`` at torch; returns whether it reads tensors through torch's
+    DLPack exchange table (one C call per tensor; a torch without it: their methods,
+    and the C keys and index helpers decline). ``exchange=None`` forces the methods."""
+    # the address of a tensor's storage (what untyped_storage()._cdata gives), in one call
+    storage_id = getattr(torch._C, "_storage_address", None) or getattr(torch._C, "_storage_id", None)
+    return _prepared.setup(torch.Tensor, torch.int64, vars(nvtx_ranges), exchange, storage_id,
+                           torch.empty)
+
+
+if _prepared is not None:
+    setup_compiled()
 
 name = "cuda"
 
@@ -87,12 +107,14 @@ class Target(NamedTuple):
     """Where a launch goes: the library, the device whose memory the kernel reads
     indices and plane-base tables from (``index``: the device the library selects),
     and ``raw_stream(stream)``, the ``cudaStream_t`` of a torch stream (None: the
-    current stream)."""
+    current stream); ``current(index)``, where given, is ``raw_stream(None)`` asked
+    of torch in one C call."""
 
     lib: ctypes.CDLL
     device: torch.device
     index: int
     raw_stream: Callable[[object], int]
+    current: Callable[[int], int] | None = None
 
 
 def target(plan: TransferPlan, kernel: int, backend: str) -> Target:
@@ -110,7 +132,8 @@ def target(plan: TransferPlan, kernel: int, backend: str) -> Target:
     if info is None or not info.has_register_kernel or (kernel == _native.KERNEL_BULK
                                                         and not info.has_bulk_kernel):
         raise RuntimeError(f"backend: {backend!r} is not available here: {_available(kernel)[1]}")
-    return Target(_native.library()[0], torch.device("cuda", index), index, _raw_streams(index))
+    return Target(_native.library()[0], torch.device("cuda", index), index, _raw_streams(index),
+                  getattr(torch._C, "_cuda_getCurrentRawStream", None))
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,10 +202,11 @@ class Launcher:
     ``launcher(src_ptr, dst_ptr, n_items, stream, events)`` launches on ``stream``
     (a torch stream; None: the current one) with index arrays at ``src_ptr`` and
     ``dst_ptr`` (int64, ``n_items`` each, on :attr:`device`); the caller has checked
-    them (:func:`hicache_kernels.ops.launch_prepared`, which also calls the library
-    itself, at ``fn_address`` with ``descs_address``, when its compiled half is built). :func:`join` makes one launcher
-    of several (one per layer): a call launches each in order, recording
-    ``events[i]`` (a ``cudaEvent_t`` array, or None) on the stream after launcher i.
+    them (:func:`hicache_kernels.ops.launch_prepared`). Where ``_prepared`` is built,
+    :attr:`compiled` does the checks and the library call in one C call (see
+    ``csrc/ops/prepared.c``). :func:`join` makes one launcher of several (one per
+    layer): a call launches each in order, recording ``events[i]`` (a ``cudaEvent_t``
+    array, or None) on the stream after launcher i.
 
     Made (by :meth:`of`) on first use, as the tables are: before any CUDA graph capture.
     """
@@ -216,12 +240,29 @@ class Launcher:
 
     def _set(self, tgt: Target, descs, what: str, keep: tuple) -> None:
         self.device, self.index, self.n, self.what = tgt.device, tgt.index, len(descs), what
+        self.target = tgt
         self.raw_stream = tgt.raw_stream
         self._descs, self.descs_address = descs, ctypes.addressof(descs)
         self._fn, self._lib = tgt.lib.hck_copy_prepared, tgt.lib
         self.fn_address = ctypes.cast(self._fn, ctypes.c_void_p).value
         self._keep = keep     # the base tables the descriptions point to
-        self.on_launch = None  # called after each launch (auto's dispatch notes its choice)
+        # the per-call half in C (None: not built): ``compiled(src, dst, stream, check, events)``
+        self.compiled = None if _prepared is None else _prepared.Launch(
+            self.fn_address, self.descs_address, self.n, tgt.index, dlpack_device(tgt.device),
+            tgt.raw_stream, tgt.current, functools.partial(_native.check, what=what, lib=tgt.lib),
+            (descs, keep))
+        self.on_launch = None
+
+    @property
+    def on_launch(self):
+        """None, or called after each launch (auto's dispatch notes its choice)."""
+        return self._on_launch
+
+    @on_launch.setter
+    def on_launch(self, fn) -> None:
+        self._on_launch = fn
+        if self.compiled is not None:
+            self.compiled.on_launch = fn
 
     def __call__(self, src_ptr: int, dst_ptr: int, n_items: int, stream=None, events=None) -> None:
         self.check(self._fn(self.descs_address, self.n, src_ptr, dst_ptr, n_items,
@@ -241,9 +282,18 @@ def join(launchers: Sequence[Launcher], what: str) -> Launcher:
             raise ValueError(f"{what}: expected launchers of one library and device")
     descs = (_native.CopyDesc * sum(l.n for l in launchers))(*[d for l in launchers for d in l._descs])
     joined = Launcher.__new__(Launcher)
-    joined._set(Target(first._lib, first.device, first.index, first.raw_stream), descs, what,
-                tuple(l._keep for l in launchers))
+    joined._set(first.target, descs, what, tuple(l._keep for l in launchers))
     return joined
+
+
+def dlpack_device(device: torch.device) -> tuple[int, int]:
+    """``device`` as DLPack names it, ``(device type, id)``: how torch's DLPack export
+    reports a tensor there (a CPU tensor, pinned or not, as ``(kDLCPU, 0)``)."""
+    if device.type == "cpu":
+        return (1, 0)                                 # kDLCPU
+    if device.type == "cuda":
+        return (10 if torch.version.hip else 2, device.index)   # kDLROCM, kDLCUDA
+    raise ValueError(f"device: expected cpu or cuda, got {device}")
 
 
 def bulk_eligible(plan: TransferPlan) -> bool:
