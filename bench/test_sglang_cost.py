@@ -19,8 +19,10 @@ the drop-in's own part (the plan lookup; the launch stubbed too) and the launch.
 The direct forms (SGLang's ``direct`` io backend) hand host indices to the copy
 engines, which build their descriptors on the CPU per call (merging runs): that
 backend is stubbed whole here (its ``run()`` a no-op), so their lines give the
-drop-in's work up to it (page expansion and the bounds check of host indices
-included), reported, not asserted.
+drop-in's work up to it: the plan lookup, the index checks, the page expansion and
+the bounds check of host indices. Target: <= 10 us per call for the per-layer loads,
+like the kernel forms; the all-layer backups, which name 64 to 128 tensors in their
+key (each read once, about a quarter of a microsecond), are reported.
 
 When ``sglang`` is importable (the tests' environment), the same calls are also
 timed through SGLang's own host pool (``MHATokenToKVPoolHost``, page_first and
@@ -154,17 +156,17 @@ def test_drop_in_cost_per_call(benchmark, request, monkeypatch, name):
     per_layer, direct, call = _CALLS[name]
     request.getfixturevalue("direct_forms" if direct else "kernel_forms")
     total = _time(benchmark, call)
+    if direct:
+        benchmark.extra_info.update(per_call_us=round(total, 2))
+        print(f"\n{name}: {total:.1f} us per call up to the copy engines, which are stubbed whole"
+              + (f", target <= {TARGET_US}" if per_layer else ""))
+        if per_layer:
+            assert total <= TARGET_US, f"{name}: {total:.1f} us per call, target {TARGET_US} us"
+        return
     monkeypatch.setattr(kvio, "launch_prepared", lambda *a, **k: True)
     monkeypatch.setattr(kvio, "execute", lambda *a, **k: None)
     own = _time_plainly(call)
     benchmark.extra_info.update(per_call_us=round(total, 2), lookup_us=round(own, 2))
-    if direct:
-        hi, di = _POOLS["host_idx"], _POOLS["dev_idx"]
-        bounds = _time_plainly(lambda: (int(hi.max()), int(di.max())))
-        print(f"\n{name}: {total:.1f} us per call up to the copy engines, which are stubbed whole "
-              f"(plan lookup and index preparation {own:.1f}, ops.execute {total - own:.1f} of which "
-              f"{bounds:.1f} bound the host indices)")
-        return
     print(f"\n{name}: {total:.1f} us per call, the driver's launch stubbed (plan lookup {own:.1f}, "
           f"prepared launch {total - own:.1f})" + (f", target <= {TARGET_US}" if per_layer else ""))
     if per_layer:

@@ -197,9 +197,11 @@ def run_on_host(plan: TransferPlan, backend_module: ModuleType, src_indices: tor
     """
     if not getattr(backend_module, "host_indices", False) or _nvtx._enabled:
         return False
-    for side, top in zip((plan.src, plan.dst), largest):
-        if top is not None and side.num_slots is not None and top >= side.num_slots:
-            return False
+    src_top, dst_top = largest
+    src_slots, dst_slots = plan.src.num_slots, plan.dst.num_slots
+    if (src_top is not None and src_slots is not None and src_top >= src_slots) or \
+            (dst_top is not None and dst_slots is not None and dst_top >= dst_slots):
+        return False
     backend_module.run(plan, src_indices, dst_indices, sm_budget=None, num_warps=None, stream=None)
     return True
 

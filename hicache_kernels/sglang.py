@@ -595,29 +595,52 @@ def _per_layer_rows(name: str, tensors: list[torch.Tensor]) -> PlaneSet | None:
 AS_GIVEN, WHOLE_PAGE, RUN_FROM = 0, 1, 2
 
 
-def _direct_indices(src_indices, dst_indices, page_size, src_mode: int, dst_mode: int):
-    """``(given, run)``: ``given`` the indices as CPU tensors, checked as whole pages
-    (raising, naming the argument); ``run``, where computed in C (CPU indices that
-    pass), ``(src, dst, src_largest, dst_largest)``: what the plan reads (``*_mode``
-    applied) and the largest index of each, else None (:func:`_run_pages` expands)."""
+def _direct_indices(src_indices, dst_indices, page_size):
+    """``(given, checked)``: the indices as CPU tensors, checked as whole pages
+    (raising, naming the argument), and whether that was done in C (CPU indices that
+    pass: :func:`_run_pages` then expands and bounds them in C too)."""
     compiled = _ops._compiled
-    if compiled is not None:
-        run = compiled.direct_indices(src_indices, dst_indices, page_size, src_mode, dst_mode)
+    if compiled is not None and compiled.checked_pages(src_indices, dst_indices, page_size):
+        return (src_indices, dst_indices), True
+    return _page_runs(src_indices, dst_indices, page_size), False
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's two int64 CPU tensors of ``n`` for expanded indices, made once and
+    written over call after call. Only for a backend that reads indices on the host
+    while it runs (the copy engines build their descriptors from them in ``run()``),
+    so nothing reads them once the call returns."""
+    if getattr(_SCRATCH, "n", None) != n:
+        base = torch.empty(2 * n, dtype=torch.int64)
+        _SCRATCH.views, _SCRATCH.n = (base[:n], base[n:]), n
+    return _SCRATCH.views
+
+
+def _run_pages(entry: _Entry, given, checked: bool, page_size: int, src_mode: int,
+               dst_mode: int) -> None:
+    """Run a direct form's plan. Indices checked in C are expanded and bounded there
+    (into this thread's scratch when the copy engines take them) and go straight to
+    the copy engines when every one is in range; anything else goes through
+    :func:`_run` (the checked path), expanded here."""
+    compiled = _ops._compiled
+    if checked and compiled is not None:
+        outs = None
+        if (src_mode or dst_mode) and getattr(entry.module, "host_indices", False) \
+                and not _ops._nvtx._enabled:
+            outs = _scratch(given[0].shape[0])
+        run = compiled.direct_indices(*given, page_size, src_mode, dst_mode, outs)
         if run is not None:
-            return (src_indices, dst_indices), run
-    return _page_runs(src_indices, dst_indices, page_size), None
-
-
-def _run_pages(entry: _Entry, given, run, page_size: int, src_mode: int, dst_mode: int) -> None:
-    """Run a direct form's plan: on the copy engines straight from the indices and
-    their largest values found in C, else through :func:`_run` (the checked path)."""
-    if run is not None:
-        src, dst, src_top, dst_top = run
-        if run_on_host(entry.plan, entry.module, src, dst, (src_top, dst_top)):
-            return
-    else:
-        src, dst = (idx if mode == AS_GIVEN else _expand_pages(idx, page_size, mode == WHOLE_PAGE)
-                    for idx, mode in zip(given, (src_mode, dst_mode)))
+            src, dst, src_top, dst_top = run
+            if run_on_host(entry.plan, entry.module, src, dst, (src_top, dst_top)):
+                return
+            if outs is None:
+                _run(entry, src, dst, None, None)
+                return
+    src, dst = (idx if mode == AS_GIVEN else _expand_pages(idx, page_size, mode == WHOLE_PAGE)
+                for idx, mode in zip(given, (src_mode, dst_mode)))
     _run(entry, src, dst, None, None)
 
 
@@ -687,11 +710,10 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
     sides with no kernel. Any strides."""
     src_list = _tensor_list("src_layers", src_layers)
     dst_list = _tensor_list("dst_layers", dst_layers)
-    given, run = _direct_indices(src_indices, dst_indices, page_size, AS_GIVEN, AS_GIVEN)
-    src_names = _names("src_layers", len(src_list))
-    dst_names = _names("dst_layers", len(dst_list))
+    given, checked = _direct_indices(src_indices, dst_indices, page_size)
 
     def build():
+        src_names, dst_names = _names("src_layers", len(src_list)), _names("dst_layers", len(dst_list))
         if len(src_list) != len(dst_list):
             raise ValueError(f"dst_layers: expected {len(src_list)} tensors like src_layers, "
                              f"got {len(dst_list)}")
@@ -705,9 +727,10 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
     entry = _plan_for(_key("direct", tensors, (), len(src_list)), tensors, build,
                              direct=True)
     if entry.plan is None:
-        _copy_slot_runs(src_names, src_list, dst_names, dst_list, *given)
+        _copy_slot_runs(_names("src_layers", len(src_list)), src_list,
+                        _names("dst_layers", len(dst_list)), dst_list, *given)
     else:
-        _run_pages(entry, given, run, page_size, AS_GIVEN, AS_GIVEN)
+        _run_pages(entry, given, checked, page_size, AS_GIVEN, AS_GIVEN)
 
 
 def _direct_pools(name: str, pools: list[torch.Tensor], page_size: int,
@@ -798,14 +821,14 @@ def transfer_kv_per_layer_direct_pf_lf(src_ptrs, dst_ptrs, src_indices, dst_indi
     if len(src_list) not in (1, 2) or len(dst_list) % len(src_list):
         raise ValueError(f"dst_ptrs: expected K layers then V layers for {len(src_list)} source "
                          f"pools, got {len(dst_list)} tensors")
-    given, run = _direct_indices(src_indices, dst_indices, page_size, WHOLE_PAGE, RUN_FROM)
-    src_names = _names("src_ptrs", len(src_list))
-    dst_names = _names("dst_ptrs", len(dst_list))
-    layers = range(_one_layer(layer_id).start, layer_id + len(dst_list) // len(src_list))
+    given, checked = _direct_indices(src_indices, dst_indices, page_size)
+
+    def layers() -> range:
+        return range(_one_layer(layer_id).start, layer_id + len(dst_list) // len(src_list))
 
     def build():
-        src, item = _direct_pools("src_ptrs", src_list, page_size, layers)
-        _same_rows(dst_names, dst_list, item, "a slot of src_ptrs[0]")
+        src, item = _direct_pools("src_ptrs", src_list, page_size, layers())
+        _same_rows(_names("dst_ptrs", len(dst_list)), dst_list, item, "a slot of src_ptrs[0]")
         dst = _per_layer_rows("dst_ptrs", dst_list)
         if src is None or dst is None:
             return None
@@ -814,10 +837,10 @@ def transfer_kv_per_layer_direct_pf_lf(src_ptrs, dst_ptrs, src_indices, dst_indi
     key = _key("direct_pf_lf", tensors, (), len(src_list), layer_id, page_size)
     entry = _plan_for(key, tensors, build, direct=True)
     if entry.plan is None:
-        _copy_pages(src_list, src_names, dst_list, dst_names, layers, *given, page_size,
-                    to_pool=False)
+        _copy_pages(src_list, _names("src_ptrs", len(src_list)), dst_list,
+                    _names("dst_ptrs", len(dst_list)), layers(), *given, page_size, to_pool=False)
         return
-    _run_pages(entry, given, run, page_size, WHOLE_PAGE, RUN_FROM)
+    _run_pages(entry, given, checked, page_size, WHOLE_PAGE, RUN_FROM)
 
 
 def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indices, page_size):
@@ -829,14 +852,12 @@ def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indi
     if len(dst_list) not in (1, 2) or len(src_list) % len(dst_list):
         raise ValueError(f"src_ptrs: expected K layers then V layers for {len(dst_list)} "
                          f"destination pools, got {len(src_list)} tensors")
-    given, run = _direct_indices(src_indices, dst_indices, page_size, RUN_FROM, WHOLE_PAGE)
-    src_names = _names("src_ptrs", len(src_list))
-    dst_names = _names("dst_ptrs", len(dst_list))
+    given, checked = _direct_indices(src_indices, dst_indices, page_size)
     layers = range(len(src_list) // len(dst_list))
 
     def build():
         dst, item = _direct_pools("dst_ptrs", dst_list, page_size, layers)
-        _same_rows(src_names, src_list, item, "a slot of dst_ptrs[0]")
+        _same_rows(_names("src_ptrs", len(src_list)), src_list, item, "a slot of dst_ptrs[0]")
         src = _per_layer_rows("src_ptrs", src_list)
         if src is None or dst is None:
             return None
@@ -845,10 +866,11 @@ def transfer_kv_all_layer_direct_lf_pf(src_ptrs, dst_ptrs, src_indices, dst_indi
     entry = _plan_for(_key("direct_lf_pf", tensors, (), len(src_list), page_size), tensors,
                              build, direct=True)
     if entry.plan is None:
-        _copy_pages(dst_list, dst_names, src_list, src_names, layers, given[1], given[0], page_size,
+        _copy_pages(dst_list, _names("dst_ptrs", len(dst_list)), src_list,
+                    _names("src_ptrs", len(src_list)), layers, given[1], given[0], page_size,
                     to_pool=True)
         return
-    _run_pages(entry, given, run, page_size, RUN_FROM, WHOLE_PAGE)
+    _run_pages(entry, given, checked, page_size, RUN_FROM, WHOLE_PAGE)
 
 
 # -- the other two names SGLang imports -------------------------------------------------------

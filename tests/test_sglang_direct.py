@@ -274,7 +274,13 @@ def test_indices_expanded_in_c_match_python(gen, page_size):
     for src_mode in (kvio.AS_GIVEN, kvio.WHOLE_PAGE, kvio.RUN_FROM):
         for dst_mode in (kvio.AS_GIVEN, kvio.WHOLE_PAGE, kvio.RUN_FROM):
             src, dst, src_top, dst_top = compiled.direct_indices(idx, other, page_size, src_mode,
-                                                                 dst_mode)
+                                                                 dst_mode, None)
+            outs = (torch.full_like(idx, 7), torch.full_like(idx, 7))
+            into = compiled.direct_indices(idx, other, page_size, src_mode, dst_mode, outs)
+            assert into[2:] == (src_top, dst_top)
+            for got, out, mode in ((into[0], outs[0], src_mode), (into[1], outs[1], dst_mode)):
+                assert (got is out) == (mode != kvio.AS_GIVEN)
+            assert torch.equal(into[0], src) and torch.equal(into[1], dst)
             for got, top, given, mode in ((src, src_top, idx, src_mode), (dst, dst_top, other, dst_mode)):
                 want = given if mode == kvio.AS_GIVEN else \
                     kvio._expand_pages(given, page_size, mode == kvio.WHOLE_PAGE)
@@ -283,7 +289,7 @@ def test_indices_expanded_in_c_match_python(gen, page_size):
                 if mode == kvio.AS_GIVEN:
                     assert got is given
     empty = torch.empty(0, dtype=torch.int64)
-    assert compiled.direct_indices(empty, empty, page_size, 1, 2)[2:] == (None, None)
+    assert compiled.direct_indices(empty, empty, page_size, 1, 2, None)[2:] == (None, None)
     n = pages * page_size
     good = torch.arange(n)
     declined = [(good.int(), good, page_size), (good, good[:-page_size], page_size),
@@ -293,7 +299,34 @@ def test_indices_expanded_in_c_match_python(gen, page_size):
     if page_size > 1:   # not whole pages; a page that would run past the largest int64
         declined += [(good[:-1], good[:-1], page_size), (torch.full((n,), 2 ** 63 - 2), good, page_size)]
     for args in declined:
-        assert compiled.direct_indices(*args, kvio.RUN_FROM, kvio.WHOLE_PAGE) is None, args
+        assert compiled.direct_indices(*args, kvio.RUN_FROM, kvio.WHOLE_PAGE, None) is None, args
+    scratch = torch.empty(3 * n, dtype=torch.int64)
+    for outs in ((scratch[:n], scratch[:n]), (good, scratch[:n]), (scratch[:n], scratch[1:n + 1]),
+                 (scratch[:n], scratch[:n - 1]), (scratch[:n].int(), scratch[n:2 * n])):
+        with pytest.raises(ValueError, match="^direct_indices: "):
+            compiled.direct_indices(good, good.clone(), page_size, 1, 2, outs)
+
+
+def test_page_loads_of_changing_sizes_on_the_copy_engines(index_path, gen):
+    """Loads of other page counts one after the other, as SGLang makes them (the
+    expanded indices are written over in place between calls): every byte right."""
+    engine = HostCopyEngine()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backends, "choose", lambda plan, requested="auto": (engine, "double"))
+        kvio.clear_plan_cache()
+        pools = direct_pools(torch.bfloat16, 2, gen)
+        dst = [poisoned((N, *ROWS[torch.bfloat16]), torch.bfloat16) for _ in range(2)]
+        for pages in (3, 1, 3, 8, 2, 2):
+            before = [d.clone() for d in dst]
+            s, t = page_indices(N, N, pages, gen)
+            kvio.transfer_kv_per_layer_direct_pf_lf(pools, dst, s, t, 2, P)
+            for p in range(2):
+                want = before[p].clone()
+                for i in range(0, len(s), P):
+                    want[t[i]:t[i] + P] = pools[p][s[i] // P, 2]
+                assert_bytes_equal(dst[p], want, f"{pages} pages, plane {p}")
+        assert len(engine.bases) == 6
+        kvio.clear_plan_cache()
 
 
 # -- transfer_embedding_ranges_direct -------------------------------------------------------

@@ -470,7 +470,7 @@ done:
 
 /* -- the direct forms' indices --------------------------------------------------------
  *
- * direct_indices(src, dst, page_size, src_mode, dst_mode)
+ * direct_indices(src, dst, page_size, src_mode, dst_mode, outs)
  *     -> (src, dst, src_largest, dst_largest) | None
  *
  * For exactly torch.Tensors of int64, 1-D and contiguous, in CPU memory, of one
@@ -478,9 +478,10 @@ done:
  * then name what is wrong). Per side, mode 0 keeps the indices as they are (the same
  * tensor comes back); mode 1 expands each page's first index to the whole page that
  * holds it, and mode 2 to the page_size slots that start there (SGLang copies whole
- * pages): new tensors, where a negative first index makes every slot of its page
- * negative (skipped). ``*_largest`` is the largest index of the result (what a
- * bounds check compares), None when there are none.
+ * pages): new tensors, or ``outs`` (two int64 CPU tensors of that length) written
+ * over, where a negative first index makes every slot of its page negative (skipped). ``*_largest`` is the largest index of the result (what a
+ * bounds check compares), None when there are none. checked_pages(src, dst,
+ * page_size) says whether direct_indices takes them, reading no index.
  */
 
 static int read_indices(PyObject* t, const int64_t** data, int64_t* n) {
@@ -514,17 +515,30 @@ static PyObject* new_indices(int64_t n, int64_t** data) {
 /* One side: the result (a new reference) and its largest index (INT64_MIN: none);
  * Py_None (a new reference) when a page would run past INT64_MAX. */
 static PyObject* one_side(PyObject* given, const int64_t* in, int64_t n, int64_t page_size, int mode,
-                          int64_t* largest) {
+                          PyObject* into, int64_t* largest) {
   int64_t top = INT64_MIN;
-  if (mode == 0) {
-    for (int64_t i = 0; i < n; i++)
-      if (in[i] > top) top = in[i];
+  if (mode == 0) { /* four running maxima: no branch to mispredict, four compares in flight */
+    int64_t m[4] = {INT64_MIN, INT64_MIN, INT64_MIN, INT64_MIN};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+      for (int k = 0; k < 4; k++) m[k] = in[i + k] > m[k] ? in[i + k] : m[k];
+    for (; i < n; i++) m[0] = in[i] > m[0] ? in[i] : m[0];
+    for (int k = 0; k < 4; k++) top = m[k] > top ? m[k] : top;
     *largest = top;
     return Py_NewRef(given);
   }
   int64_t* out;
-  PyObject* t = new_indices(n, &out);
-  if (t == NULL) return NULL;
+  PyObject* t;
+  if (into != NULL) { /* checked by the caller: its length, apart from every other array */
+    const int64_t* at;
+    int64_t length;
+    if (!read_indices(into, &at, &length)) return NULL;
+    out = (int64_t*)at;
+    t = Py_NewRef(into);
+  } else {
+    t = new_indices(n, &out);
+    if (t == NULL) return NULL;
+  }
   for (int64_t p = 0; p < n; p += page_size) {
     int64_t start = in[p];
     if (mode == 1) { /* the page holding it: floor division, so -1 becomes -page_size */
@@ -548,13 +562,40 @@ static PyObject* largest_or_none(int64_t top) {
   return top == INT64_MIN ? Py_NewRef(Py_None) : PyLong_FromLongLong(top);
 }
 
-static PyObject* direct_indices(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 5) {
-    PyErr_SetString(PyExc_TypeError, "direct_indices(src, dst, page_size, src_mode, dst_mode)");
+/* checked_pages(src, dst, page_size) -> bool: whether direct_indices takes them. */
+static int pages_checked(PyObject* const* args, const int64_t** src, const int64_t** dst, int64_t* n,
+                         long long* page_size) {
+  int64_t n_dst;
+  *page_size = PyLong_CheckExact(args[2]) ? PyLong_AsLongLong(args[2]) : 0;
+  if (*page_size == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return 0;
+  }
+  return g_to_dltensor != NULL && *page_size >= 1 && read_indices(args[0], src, n) &&
+         read_indices(args[1], dst, &n_dst) && *n == n_dst && *n % *page_size == 0;
+}
+
+static PyObject* checked_pages(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "checked_pages(src, dst, page_size)");
     return NULL;
   }
-  if (g_to_dltensor == NULL) Py_RETURN_NONE;
-  const long long page_size = PyLong_AsLongLong(args[2]);
+  const int64_t *src, *dst;
+  int64_t n;
+  long long page_size;
+  return PyBool_FromLong(pages_checked(args, &src, &dst, &n, &page_size));
+}
+
+static PyObject* direct_indices(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 6) {
+    PyErr_SetString(PyExc_TypeError, "direct_indices(src, dst, page_size, src_mode, dst_mode, outs)");
+    return NULL;
+  }
+  PyObject* outs = args[5];
+  if (outs != Py_None && (!PyTuple_Check(outs) || PyTuple_GET_SIZE(outs) != 2)) {
+    PyErr_SetString(PyExc_TypeError, "direct_indices: outs is None or (src_out, dst_out)");
+    return NULL;
+  }
   const long src_mode = PyLong_AsLong(args[3]);
   const long dst_mode = PyLong_AsLong(args[4]);
   if (PyErr_Occurred()) return NULL;
@@ -563,14 +604,34 @@ static PyObject* direct_indices(PyObject* self, PyObject* const* args, Py_ssize_
     return NULL;
   }
   const int64_t *src, *dst;
-  int64_t n, n_dst;
-  if (!PyLong_CheckExact(args[2]) || page_size < 1 || !read_indices(args[0], &src, &n) ||
-      !read_indices(args[1], &dst, &n_dst) || n != n_dst || n % page_size)
-    Py_RETURN_NONE;
+  int64_t n;
+  long long page_size;
+  if (!pages_checked(args, &src, &dst, &n, &page_size)) Py_RETURN_NONE;
+  if (outs != Py_None) { /* four arrays of n that must not overlap: written while read */
+    const int64_t* at[4] = {src, dst, NULL, NULL};
+    for (int i = 0; i < 2; i++) {
+      int64_t length;
+      if (!read_indices(PyTuple_GET_ITEM(outs, i), &at[2 + i], &length) || length != n) {
+        PyErr_SetString(PyExc_ValueError, "direct_indices: expected outs of two int64 CPU tensors "
+                                          "as long as the indices");
+        return NULL;
+      }
+    }
+    for (int i = 0; i < 4; i++)
+      for (int j = i + 1; j < 4; j++)
+        if (i >= 2 || j >= 2) {
+          if (n > 0 && at[i] < at[j] + n && at[j] < at[i] + n) {
+            PyErr_SetString(PyExc_ValueError, "direct_indices: outs overlap the indices or each other");
+            return NULL;
+          }
+        }
+  }
   int64_t src_top, dst_top;
-  PyObject* src_out = one_side(args[0], src, n, page_size, (int)src_mode, &src_top);
+  PyObject* src_out = one_side(args[0], src, n, page_size, (int)src_mode,
+                               outs == Py_None ? NULL : PyTuple_GET_ITEM(outs, 0), &src_top);
   if (src_out == NULL) return NULL;
-  PyObject* dst_out = one_side(args[1], dst, n, page_size, (int)dst_mode, &dst_top);
+  PyObject* dst_out = one_side(args[1], dst, n, page_size, (int)dst_mode,
+                               outs == Py_None ? NULL : PyTuple_GET_ITEM(outs, 1), &dst_top);
   if (dst_out == NULL || src_out == Py_None || dst_out == Py_None) {
     Py_DECREF(src_out);
     if (dst_out == NULL) return NULL;
@@ -624,8 +685,10 @@ static PyMethodDef methods[] = {
      "setup(tensor_type, int64, flags, exchange, storage_id, empty) -> whether tensors are read "
      "through DLPack"},
     {"tensor_key", tensor_key, METH_O, "tensor_key(tensors) -> Key | None"},
+    {"checked_pages", (PyCFunction)(void (*)(void))checked_pages, METH_FASTCALL,
+     "checked_pages(src, dst, page_size) -> whether direct_indices takes them"},
     {"direct_indices", (PyCFunction)(void (*)(void))direct_indices, METH_FASTCALL,
-     "direct_indices(src, dst, page_size, src_mode, dst_mode) -> (src, dst, src_largest, "
+     "direct_indices(src, dst, page_size, src_mode, dst_mode, outs) -> (src, dst, src_largest, "
      "dst_largest) | None"},
     {NULL, NULL, 0, NULL},
 };
