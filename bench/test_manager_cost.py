@@ -12,8 +12,8 @@ Targets (on a 2-core development VM), for the whole call:
 - ``load()`` of 8192 tokens (128 pages), 32 layers: <= 20 us; one layer no worse
 - ``handle.wait(layer)``: <= 5 us
 - issuing a load's launches: <= 1 us of Python per layer above the driver's launch
-- one prepared ``Transfer`` call, as the manager makes it: <= 1 us above the library's
-  own call (its host logic, timed in C in the twin; on a GPU, the driver's launch)
+- one prepared ``Transfer`` call (``t(src, dst, check=False)``): <= 1 us above the
+  library's own call (its host logic, timed in C in the twin; on a GPU, the driver's launch)
 
 Geometry: Llama-3.1-8B (32 layers, 8 KV heads x 128, bf16), 64-token pages. The pools
 are never touched (memory stays virtual). The other serving-loop calls (hit, lookup,
@@ -338,13 +338,13 @@ def test_launch_cost_per_layer(stubbed, twin_library):
     one = mgr._load_transfers[7]
     launcher = one.launcher()
     assert launcher.compiled is not None, "csrc/ops/prepared.c was not built"
-    per_call = _time_call(lambda: one(src, dst, stream=None, check=False))   # as the manager calls
+    per_call = _time_call(lambda: one(src, dst, check=False))
     positional = _time_call(lambda: one(src, dst))
     library = twin_library.library_ns(launcher, src, dst) / 1e3
     per_layer = per_load / LAYERS
     print(f"\nlaunching a load's {LAYERS} layers (one compiled call, launch stubbed): "
           f"{per_load:.2f} us, {per_layer:.2f} us per layer (target <= {TARGET_LAUNCH_US_PER_LAYER}); "
-          f"one prepared Transfer call: {per_call:.2f} us as the manager makes it, "
+          f"one prepared Transfer call: {per_call:.2f} us with check=False, "
           f"{positional:.2f} us with the indices alone, of which the library's host logic in C "
           f"{library:.2f} us (target: <= {TARGET_CALL_US} us above it)")
     mgr.close()

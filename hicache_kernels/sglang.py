@@ -18,12 +18,15 @@ Triton's interpreter when ``TRITON_INTERPRET=1``), read when a plan is built
 ``block_quota`` is the kernel's SM budget and ``num_warps_per_block`` its warps
 per block. The ``direct`` functions use the copy-engine backend when it is
 built, and take tensors of any strides and any row size, as sgl-kernel does.
+Their host indices are checked, expanded to whole pages and bounded in C where
+``_prepared`` is built (else with torch ops), with the same errors.
 
 Plan cache. Building a plan (checks, addresses, backend choice) costs far more
 than a call, so plans are cached, under this rule:
 
 - A key names every tensor argument by its allocation (the identity of its
-  torch storage), where in it the tensor starts, its shape, strides and dtype;
+  torch storage), where in it the tensor starts, its shape, strides and dtype
+  (read in one C call for all of a call's tensors where ``_prepared`` is built);
   an address table also by its contents' version. The entry holds a weak
   reference to each allocation: it frees nothing, yet while it exists no other
   allocation can take that identity, so a freed and rebuilt pool (or table)

@@ -1,6 +1,8 @@
 /* The per-call half of a prepared launch (hicache_kernels.ops.launch_prepared),
  * compiled: decide whether both index tensors can go straight to the kernel, then
- * call the CUDA library's hck_copy_prepared, with no Python frame in between.
+ * call the CUDA library's hck_copy_prepared, with no Python frame in between. Also
+ * the SGLang drop-in's per-call reads (hicache_kernels.sglang): the tensors' part of a
+ * plan-cache key, and the direct forms' index checks and page expansion (below).
  *
  * A plain C extension (no torch, no CUDA headers). The tensors are read through
  * torch's DLPack exchange table (``torch.Tensor.__dlpack_c_exchange_api__``: one C
