@@ -7,7 +7,7 @@ manager's work is timed: page-table lookups and updates, slot allocation, index 
 events and the launches. Each round runs right after an untimed reset (the previous
 load retired and evicted), as a load runs in a serving loop, after other work.
 
-Targets (on a 2-core development VM), for the whole call:
+Targets (on a 2-core CPU-only VM), for the whole call:
 
 - ``load()`` of 8192 tokens (128 pages), 32 layers: <= 20 us; one layer no worse
 - ``handle.wait(layer)``: <= 5 us
