@@ -5,10 +5,12 @@ in order, over device, host and the NIXL storage tier."""
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import time
 
 import msgspec
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -170,6 +172,131 @@ def test_promotion_and_demotion_across_three_tiers(tmp_path, tokens):
     sub.close()
 
 
+def test_a_page_a_prefetch_cannot_read_is_removed_from_storage(tmp_path, tokens):
+    """A stored page damaged on disk (right size, wrong bytes): the prefetch reads the
+    prefix up to it, storage deletes it, and the router hears that storage lost it; the
+    page after it was not read and stays advertised, as its file is still there."""
+    ids = page_keys(tokens, P)
+    h = [hash_str_to_int64(k) for k in ids]
+    pub = KVEventPublisher("tcp://127.0.0.1:*", topic="kv")
+    sub = Subscriber(pub, "kv")
+    tier = StorageTier({"directory": str(tmp_path), "prefetch_policy": "wait_complete"})
+    mgr = HiCacheManager(pool(), storage=tier, observers=[pub], backend="reference",
+                         host_reserve_gb=0, host_layout="page_first")
+    view: dict = {}
+    mgr.alloc_device(ids)
+    mgr.hit(ids)
+    mgr.synchronize(storage=True)
+    assert [(a.kind, a.failed) for a in mgr.poll()] == [("backup", ()), ("store", ())]
+    mgr.free(ids)
+    apply(view, sub.recv(5))   # stored on GPU, CPU_TIER1, CPU_TIER2; freed from GPU, CPU_TIER1
+    sub.assert_quiet(50)
+    assert view == {x: {"CPU_TIER2"} for x in h}
+    path = tier.store.page_path(ids[1])
+    with open(path, "r+b") as f:                 # flip the last payload byte
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))
+    assert tier.batch_exists(ids) == 3, "the damage is only seen by reading the page"
+    assert mgr.prefetch(ids) == tuple(ids)
+    apply(view, sub.recv(1))
+    mgr.synchronize(storage=True)
+    [ack] = mgr.poll()
+    assert (ack.kind, ack.failed) == ("prefetch", tuple(ids[1:]))
+    events = sub.recv(3)   # each page not fetched leaves host, then storage's loss
+    assert summary(events) == [("removed", "CPU_TIER1", [h[1]]), ("removed", "CPU_TIER1", [h[2]]),
+                               ("removed", "CPU_TIER2", [h[1]])]
+    sub.assert_quiet(50)
+    apply(view, events)
+    assert view == {h[0]: {"CPU_TIER1", "CPU_TIER2"}, h[1]: set(), h[2]: {"CPU_TIER2"}}
+    assert not os.path.exists(path) and os.path.exists(tier.store.page_path(ids[2]))
+    mgr.close()
+    assert summary(sub.recv(1)) == [("cleared",)]
+    sub.close()
+
+
+class ReadEndingAt:
+    """A storage read (the manager's protocol) whose answer is ``ok`` once it has
+    ended: while the policy is asked (``ends_when_asked``: a read finishing between
+    the manager's own poll and its check), or when the test sets ``ended``."""
+
+    def __init__(self, ok: list, ends_when_asked: bool):
+        self.ok, self.ends_when_asked, self.ended = ok, ends_when_asked, False
+
+    def poll(self):
+        return self.ok if self.ended else None
+
+    def can_terminate(self):
+        self.ended = self.ended or self.ends_when_asked
+        return True
+
+    def terminate(self):
+        return self.ok.index(False) if False in self.ok else len(self.ok)
+
+
+class Recorder(ManagerObserver):
+    def __init__(self):
+        self.removals, self.stores = [], []
+
+    def stored(self, tier, page_ids):
+        self.stores.append((tier, list(page_ids)))
+
+    def removed(self, tier, page_ids):
+        self.removals.append((tier, list(page_ids)))
+
+
+@pytest.mark.parametrize("first_write_lands_first", [True, False])
+def test_a_page_written_twice_while_it_left_and_came_back_is_announced_once(first_write_lands_first):
+    """Page 0 is written to storage, freed while the write is in flight, computed again
+    and written again: storage holds it once, and says so once."""
+    storage, rec = InMemoryStorage(defer=True), Recorder()
+    mgr = HiCacheManager(pool(), storage=storage, observers=[rec], backend="reference",
+                         host_reserve_gb=0)
+    for writes_in_flight in (1, 2):
+        mgr.alloc_device([0])
+        mgr.hit([0])                 # write-through: a backup, then a storage write
+        mgr.synchronize()
+        mgr.poll()
+        assert len(storage._ops) == writes_in_flight
+        if writes_in_flight == 1:
+            mgr.free([0])            # the page goes while it is written
+    writes = storage._ops if first_write_lands_first else storage._ops[::-1]
+    for write in writes:
+        write.finish()
+        mgr.poll()
+    assert [ids for tier, ids in rec.stores if tier == "storage"] == [[0]]
+    assert mgr.table.get(0).in_storage
+    mgr.close()
+
+
+@pytest.mark.parametrize("ends_when_asked, lost", [(True, ["b"]), (False, [])])
+def test_check_prefetch_announces_the_page_a_finished_read_stopped_at(ends_when_asked, lost):
+    """check_prefetch settles a read: one that had ended by itself (after the manager's
+    own poll, before the policy stopped it) stopped at a page storage could not serve;
+    one that the policy cut off says nothing of storage."""
+    reads = []
+
+    class Storage(InMemoryStorage):
+        def batch_get(self, keys, host_pages):
+            ok = super().batch_get(keys[:1], host_pages[:1]) + [False] * (len(keys) - 1)
+            reads.append(ReadEndingAt(ok, ends_when_asked))
+            return reads[-1]
+
+    storage, rec = Storage(), Recorder()
+    mgr = HiCacheManager(pool(), storage=storage, observers=[rec], backend="reference",
+                         host_reserve_gb=0)
+    page = mgr.host_pool.read_pages(np.array([0]))[0]
+    storage.pages.update({k: page.clone() for k in "abc"})
+    assert mgr.prefetch(list("abc")) == tuple("abc")
+    assert mgr.check_prefetch(list("abc"))
+    assert rec.removals == [("host", ["b"]), ("host", ["c"])] + ([("storage", lost)] if lost else [])
+    reads[0].ended = True
+    [ack] = mgr.poll()
+    assert ack.failed == ("b", "c") and len(rec.removals) == 2 + bool(lost), "announced once"
+    mgr.close()
+
+
 def test_block_hashes_are_sglangs_for_page_keys_and_stable_otherwise():
     key = page_keys(list(range(P)), P)[0]
     assert block_hash(key) == hash_str_to_int64(key)
@@ -300,23 +427,34 @@ def test_manager_refuses_an_object_that_is_not_an_observer():
 
 class TierView(ManagerObserver):
     """What an observer learns: the pages on each tier (a page stored twice on a tier,
-    or removed from one it was never on, is a wrong call). Storage never announces a
-    removal, and the manager forgets a page that leaves both device and host: a page
-    written to storage again after that may be announced again, no other."""
+    or removed from device or host where it was not, is a wrong call). Storage removals
+    are pages a read could not find, whoever wrote them (``storage_removed``, checked
+    against the storage by the machine). The manager forgets a page that leaves both
+    device and host: a page written to storage again after that may be announced again,
+    no other."""
 
     def __init__(self):
         self.tiers = {"device": set(), "host": set(), "storage": set()}
         self.forgotten = set()     # in storage, and left the page table since announced
+        self.storage_removed = []
 
     def stored(self, tier, page_ids):
         for i in page_ids:
             again = tier == "storage" and i in self.forgotten
             assert again or i not in self.tiers[tier], f"{i!r} stored on {tier} twice"
             self.tiers[tier].add(i)
-            if tier == "storage":
-                self.forgotten.discard(i)
+            if tier == "storage":   # written after it left device and host: forgotten already
+                if i in self.tiers["device"] or i in self.tiers["host"]:
+                    self.forgotten.discard(i)
+                else:
+                    self.forgotten.add(i)
 
     def removed(self, tier, page_ids):
+        if tier == "storage":
+            self.storage_removed.extend(page_ids)
+            self.tiers["storage"].difference_update(page_ids)
+            self.forgotten.difference_update(page_ids)
+            return
         for i in page_ids:
             assert i in self.tiers[tier], f"{i!r} removed from {tier}, where it was not"
             self.tiers[tier].remove(i)
@@ -347,6 +485,10 @@ def watched(machine):
             for tier, bit in (("device", PageState.DEVICE), ("host", PageState.HOST)):
                 here = {i for i, s in zip(ids, self.mgr.lookup(ids)) if s & bit}
                 assert self.view.tiers[tier] == here, tier
+            storage = getattr(self, "storage", None)
+            for i in self.view.storage_removed:   # a read failed on it: lost, or never there
+                assert i in storage.missing or i not in storage.pages, i
+            self.view.storage_removed.clear()
 
     return Watched
 

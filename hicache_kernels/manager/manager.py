@@ -364,6 +364,11 @@ def _page_size(asked: int | None, device_layout: KVLayout) -> int:
     return asked
 
 
+def _storage_result(pending):
+    """A storage op's per-page bools once it has ended, else None."""
+    return pending.poll() if hasattr(pending, "poll") else pending
+
+
 def _wait_storage_op(pending, timeout_s: float = 60.0) -> None:
     """Block until a storage op finishes: its ``wait()`` if it has one, else poll."""
     if not hasattr(pending, "poll"):
@@ -981,13 +986,15 @@ class HiCacheManager:
             ready = tp.agree_ready(ready, len(ops))
         if not ready:
             return False
+        # a read that already ended by itself stopped at a page it could not read
+        ended = [tp is None and _storage_result(op.pending) is not None for op in ops.values()]
         valid = [op.pending.terminate() for op in ops.values()]
         if tp is not None and valid:
             valid = tp.min(valid)
             for op, n in zip(ops.values(), valid):
                 op.pending = tp.cut(op.pending, n)   # its ack names the pages cut off too
-        for op, n in zip(ops.values(), valid):
-            self._end_prefetch(op, n)
+        for op, n, read_to_end in zip(ops.values(), valid, ended):
+            self._end_prefetch(op, n, read_to_end)
         return True
 
     # -- completion ---------------------------------------------------------------------
@@ -1194,21 +1201,34 @@ class HiCacheManager:
     def _collect_storage(self) -> None:
         keep = []
         for op in self._storage_ops:
-            result = op.pending.poll() if hasattr(op.pending, "poll") else op.pending
+            result = _storage_result(op.pending)
             if result is None or (self._tp is not None and op.kind == "prefetch"
                                   and any(e.fill is op for e in op.entries)):
                 keep.append(op)   # with TP, only check_prefetch settles reads (ranks agree)
                 continue
             self._unlock_for_storage(op)
             failed = []
+            lost = []   # the first page whose own read failed (reads end at a failure)
+            written = []   # pages now in storage, not already announced there
             for e, ok in zip(op.entries, result):
+                if ok and op.kind == "store":
+                    # the page may have left the table and come back during the write:
+                    # storage holds the id once, whichever entry's write landed first
+                    current = self.table.get(e.page_id)
+                    if not (e.in_storage or (current is not None and current.in_storage)):
+                        written.append(e.page_id)
+                    if current is not None:
+                        current.in_storage = True
                 if ok:
                     e.in_storage = True
                 if op.kind == "prefetch":
-                    if e.fill is op:
+                    if e.fill is op:   # not cut off by check_prefetch: a read's own answer
                         e.fill = None
-                        if not ok and self.table.get(e.page_id) is e:
-                            self._release([e], remove=True)
+                        if not ok:
+                            if not lost:
+                                lost.append(e.page_id)
+                            if self.table.get(e.page_id) is e:
+                                self._release([e], remove=True)
                 elif e.storing is op:
                     e.storing = None
                 if not ok:
@@ -1216,8 +1236,10 @@ class HiCacheManager:
             ack = Ack(op.kind, op.op_id, tuple(e.page_id for e in op.entries), tuple(failed))
             self._acks.append(ack)
             if self._observer is not None:
-                if op.kind == "store":
-                    self._observer.stored("storage", [i for i, ok in zip(ack.page_ids, result) if ok])
+                if written:
+                    self._observer.stored("storage", written)
+                elif lost:
+                    self._observer.removed("storage", lost)
                 self._observer.finished(ack)
         self._storage_ops = keep
 
@@ -1232,18 +1254,26 @@ class HiCacheManager:
             op.host_locked = False
             self.host_pages.unlock(op.host_pages)
 
-    def _end_prefetch(self, op: _StorageOp, valid: int) -> None:
+    def _end_prefetch(self, op: _StorageOp, valid: int, read_to_end: bool) -> None:
         """A prefetch stopped by its policy: pages ``[0, valid)`` are on host from now
-        on, the rest leave the table. The op keeps its pages locked until it ends."""
+        on, the rest leave the table. The op keeps its pages locked until it ends.
+        ``read_to_end``: the reads had ended by themselves, so page ``valid`` (if any)
+        is one storage could not serve."""
         table = self.table
+        lost = []
         for i, e in enumerate(op.entries):
             if e.fill is not op:
                 continue
             e.fill = None
             if i < valid:
                 e.in_storage = True
-            elif table.get(e.page_id) is e:
-                self._release([e], remove=True)
+            else:
+                if i == valid and read_to_end:
+                    lost.append(e.page_id)
+                if table.get(e.page_id) is e:
+                    self._release([e], remove=True)
+        if lost and self._observer is not None:
+            self._observer.removed("storage", lost)
 
     # -- internals: slots ---------------------------------------------------------------------
     # Making room is decided before it is done: a call that cannot get its pages

@@ -44,7 +44,9 @@ class ManagerObserver:
         """``page_ids`` (in the caller's order) now have a copy on ``tier``."""
 
     def removed(self, tier: str, page_ids: Sequence) -> None:
-        """``page_ids`` no longer have a copy on ``tier`` (``"device"`` or ``"host"``)."""
+        """``page_ids`` no longer have a copy on ``tier``: ``"device"`` or ``"host"``, or
+        ``"storage"`` for the page at which a prefetch's reads stopped, missing or
+        damaged (whoever wrote it; the storage tier deletes a damaged page)."""
 
     def evicted(self, eviction) -> None:
         """An eviction (the :class:`~hicache_kernels.manager.Eviction` ``on_evict`` gets),
