@@ -23,6 +23,7 @@ from sglang.srt.mem_cache.utils import hash_str_to_int64
 from hicache_kernels import KVBuffer, KVLayout
 from hicache_kernels.manager import HiCacheManager, InMemoryStorage, ManagerObserver, PageState
 from hicache_kernels.observers import KVEventPublisher, block_hash
+from hicache_kernels.observers.kv_events import END_OF_REPLAY
 from hicache_kernels.storage import StorageTier, page_keys
 from test_manager_stateful import ManagerMachine
 from test_manager_storage_stateful import StorageMachine
@@ -404,11 +405,91 @@ def test_two_subscribers_and_tokens_as_a_tensor(tokens):
     (dict(topic=b"kv"), "topic: expected a str"),
     (dict(page_tokens={}), "page_tokens: expected a callable"),
     (dict(hwm=-1), "hwm: expected an int >= 0"),
+    (dict(replay_endpoint="localhost:5558"), "replay_endpoint: expected None or a ZMQ endpoint"),
+    (dict(buffer_steps=0), "buffer_steps: expected an int >= 1"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     kwargs.setdefault("endpoint", "tcp://127.0.0.1:*")
     with pytest.raises(ValueError, match=match):
         KVEventPublisher(**kwargs)
+
+
+class Replayer:
+    """A DEALER on a publisher's replay socket, as a subscriber that saw a gap uses it."""
+
+    def __init__(self, pub: KVEventPublisher):
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(pub.replay_endpoint)
+        self.decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+
+    def replay(self, start: int, topic: bytes = b"kv") -> list[tuple[int, KVEventBatch]]:
+        self.socket.send_multipart((b"", start.to_bytes(8, "big")))
+        out = []
+        while True:
+            assert self.socket.poll(WAIT_MS), "the replay never ended"
+            frames = self.socket.recv_multipart()
+            if frames[1:] == [b"", END_OF_REPLAY, b""]:
+                assert frames[0] == b""
+                return out
+            empty, got_topic, seq, payload = frames
+            assert empty == b"" and got_topic == topic
+            out.append((int.from_bytes(seq, "big"), self.decoder.decode(payload)))
+
+    def close(self):
+        self.socket.close()
+
+
+def test_a_subscriber_that_missed_batches_gets_them_replayed(caplog):
+    """SGLang's replay protocol: what a live subscriber saw, byte for byte, from any
+    sequence number on; only the last ``buffer_steps`` batches; batches the PUB socket
+    dropped (no subscriber yet) too; a malformed request is ignored, not fatal."""
+    pub = KVEventPublisher("tcp://127.0.0.1:*", topic="kv", replay_endpoint="tcp://127.0.0.1:*",
+                           buffer_steps=4)
+    assert pub.replay_endpoint.startswith("tcp://127.0.0.1:") and pub.replay_endpoint != pub.endpoint
+    pub.block_size = P
+    pub.stored("device", [1])                  # sent before anyone subscribed: lost live
+    sub = Subscriber(pub, "kv")
+    sub.next_seq = 1
+    pub.stored("host", [1, 2])
+    pub.removed("device", [1])
+    pub.stored("storage", [2])
+    pub.publish_cleared()
+    sub.recv(4)
+    replayer = Replayer(pub)
+    got = replayer.replay(2)
+    assert [seq for seq, _ in got] == [2, 3, 4]
+    assert [batch for _, batch in got] == sub.batches[1:]
+    assert [seq for seq, _ in replayer.replay(0)] == [1, 2, 3, 4], "the last 4 batches are kept"
+    assert replayer.replay(5) == []
+    first = replayer.replay(1)[0][1]
+    assert summary(first.events) == summary(sub.batches[0].events)
+    lost = KVEventPublisher("tcp://127.0.0.1:*", topic="kv",
+                                       replay_endpoint="tcp://127.0.0.1:*")
+    lost.block_size = P
+    lost.stored("device", [7])                 # nobody subscribed: dropped by PUB, kept here
+    again = Replayer(lost)
+    [(seq, batch)] = again.replay(0)
+    assert seq == 0 and summary(batch.events) == [("stored", "GPU", [7], None, [], P, None)]
+    with caplog.at_level("WARNING", logger="hicache_kernels.observers"):
+        again.socket.send_multipart((b"", b"\0" * 8, b"extra"))
+        assert [s for s, _ in again.replay(0)] == [0], "a bad request does not stop replay"
+    assert "ignored a replay request of 4 frames" in caplog.text
+    for closing in (pub, lost):
+        thread = closing._replay_thread
+        closing.close()
+        assert not thread.is_alive()
+        closing.close()
+    replayer.close()
+    again.close()
+    sub.close()
+
+
+def test_a_replay_endpoint_in_use_is_refused_by_name():
+    first = KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*")
+    with pytest.raises(ValueError, match="replay_endpoint: cannot bind 'tcp://127.0.0.1:[0-9]+'"):
+        KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint=first.replay_endpoint)
+    first.close()
 
 
 def test_an_endpoint_in_use_is_refused_by_name():

@@ -21,6 +21,13 @@ A page promoted from storage to host and then to the device shows as
 ``BlockRemoved`` on ``GPU`` while its host and storage copies stay advertised.
 ``close()`` of the manager publishes ``AllBlocksCleared``.
 
+With ``replay_endpoint=``, a ROUTER socket serves SGLang's replay protocol: a
+subscriber that missed batches (a gap in the sequence numbers) sends the first
+sequence number it wants, ``[b"", seq]`` as 8 big-endian bytes from a DEALER (a REQ
+adds the empty frame itself), and gets every kept batch from there as
+``[b"", topic, seq, payload]``, then ``[b"", b"", -1 as 8 signed bytes, b""]``.
+The last ``buffer_steps`` batches are kept, including any the PUB socket dropped.
+
 Block hashes are the page ids as SGLang publishes its page keys: a page key (the
 64 hex digits of SHA-256 that :func:`hicache_kernels.storage.page_keys` makes, what
 an SGLang radix tree keeps per page) becomes the signed int64 of its first 16 hex
@@ -43,14 +50,16 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
+import threading
 import time
 from typing import Callable, Hashable, Mapping, Sequence
 
 from ..manager.observer import TIERS, ManagerObserver
 
-__all__ = ["KVEventPublisher", "block_hash", "DEFAULT_MEDIUMS"]
+__all__ = ["KVEventPublisher", "block_hash", "DEFAULT_MEDIUMS", "END_OF_REPLAY"]
 
 log = logging.getLogger("hicache_kernels.observers")
 
@@ -58,6 +67,8 @@ DEFAULT_MEDIUMS = {"device": "GPU", "host": "CPU_TIER1", "storage": "CPU_TIER2"}
 """Tier -> ``medium``, as vLLM names its tiers and Dynamo's router reads them."""
 
 _I64, _U64 = 1 << 63, 1 << 64
+END_OF_REPLAY = (-1).to_bytes(8, "big", signed=True)
+"""The sequence frame that ends a replay (SGLang's ``ZmqEventPublisher.END_SEQ``)."""
 
 
 def block_hash(page_id: Hashable) -> int:
@@ -100,18 +111,24 @@ class KVEventPublisher(ManagerObserver):
         page_tokens: ``page_id -> (token_ids, parent_page_id) | None`` for ``BlockStored``.
         block_hash: ``page_id -> int`` (default :func:`block_hash`).
         hwm: ZMQ send high-water mark: messages beyond it are dropped, never waited for.
+        replay_endpoint: None (no replay), or where a ROUTER socket binds to serve
+            missed batches again (module docstring); ``tcp://127.0.0.1:*`` binds a
+            free port (read it back from :attr:`replay_endpoint`).
+        buffer_steps: how many of the latest batches replay keeps.
 
     Create it on the thread that runs the manager and use it from there (a ZMQ
     socket is not thread-safe). With tensor parallelism, publish from rank 0
     only: every rank holds the same pages. Publishing never raises into the
-    manager: a failed send is logged once and counted in :attr:`dropped`.
+    manager: a failed send is logged once and counted in :attr:`dropped`. Replay
+    runs on its own thread, with its own socket; :meth:`close` stops it.
     """
 
     def __init__(self, endpoint: str = "tcp://*:5557", *, topic: str = "", bind: bool | None = None,
                  dp_rank: int = 0, tiers: Sequence[str] = TIERS,
                  mediums: Mapping[str, str] | None = None,
                  page_tokens: Callable[[Hashable], tuple | None] | None = None,
-                 block_hash: Callable[[Hashable], int] = block_hash, hwm: int = 100_000):
+                 block_hash: Callable[[Hashable], int] = block_hash, hwm: int = 100_000,
+                 replay_endpoint: str | None = None, buffer_steps: int = 10_000):
         import msgspec
         import zmq
 
@@ -133,6 +150,12 @@ class KVEventPublisher(ManagerObserver):
             names[tier] = name
         if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:
             raise ValueError(f"hwm: expected an int >= 0 (0: no limit), got {hwm!r}")
+        if replay_endpoint is not None and (not isinstance(replay_endpoint, str)
+                                            or "://" not in replay_endpoint):
+            raise ValueError(f"replay_endpoint: expected None or a ZMQ endpoint like "
+                             f"'tcp://*:5558', got {replay_endpoint!r}")
+        if not isinstance(buffer_steps, int) or isinstance(buffer_steps, bool) or buffer_steps < 1:
+            raise ValueError(f"buffer_steps: expected an int >= 1, got {buffer_steps!r}")
         if page_tokens is not None and not callable(page_tokens):
             raise ValueError(f"page_tokens: expected a callable page_id -> (token_ids, parent), "
                              f"got {type(page_tokens).__name__}")
@@ -168,6 +191,24 @@ class KVEventPublisher(ManagerObserver):
             raise ValueError(f"endpoint: cannot {'bind' if bind else 'connect'} {endpoint!r}: {e}") from None
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) if bind else endpoint
         self._warned = False
+        self.replay_endpoint = None
+        self._kept: collections.deque = collections.deque(maxlen=buffer_steps)
+        self._kept_lock = threading.Lock()
+        self._replay_stop = threading.Event()
+        self._replay_thread = None
+        if replay_endpoint is not None:
+            router = self._ctx.socket(zmq.ROUTER)
+            router.setsockopt(zmq.LINGER, 0)
+            try:
+                router.bind(replay_endpoint)
+            except zmq.ZMQError as e:
+                router.close()
+                self.close()
+                raise ValueError(f"replay_endpoint: cannot bind {replay_endpoint!r}: {e}") from None
+            self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._replay_thread = threading.Thread(target=self._serve_replay, args=(router,),
+                                                   name="kv-events-replay", daemon=True)
+            self._replay_thread.start()
 
     # -- the observer -----------------------------------------------------------------
     def attach(self, manager) -> None:
@@ -206,10 +247,38 @@ class KVEventPublisher(ManagerObserver):
         return True
 
     def close(self) -> None:
-        """Close the socket (queued messages get up to a second to leave). Idempotent."""
+        """Close the socket (queued messages get up to a second to leave) and stop
+        replay. Idempotent."""
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+        if self._replay_thread is not None:
+            self._replay_stop.set()
+            self._replay_thread.join()
+            self._replay_thread = None
+
+    def _serve_replay(self, router) -> None:
+        """The replay thread: answer requests until :meth:`close` (SGLang's protocol)."""
+        try:
+            while not self._replay_stop.is_set():
+                if not router.poll(50):
+                    continue
+                frames = router.recv_multipart()
+                if len(frames) != 3:
+                    log.warning("KV events: ignored a replay request of %d frames; expected "
+                                "[identity, b'', sequence]", len(frames))
+                    continue
+                client, _, start = frames
+                start = int.from_bytes(start, "big")
+                with self._kept_lock:
+                    batches = [b for b in self._kept if b[0] >= start]
+                for seq, payload in batches:
+                    router.send_multipart((client, b"", self._topic, seq.to_bytes(8, "big"), payload))
+                router.send_multipart((client, b"", b"", END_OF_REPLAY, b""))
+        except Exception as e:   # a broken replay must not take the publisher down
+            log.warning("KV events: replay stopped (%s: %s)", type(e).__name__, e)
+        finally:
+            router.close()
 
     def _removed_events(self, medium: str, page_ids: Sequence) -> list:
         return [{"type": "BlockRemoved", "block_hashes": list(map(self.block_hash, page_ids)),
@@ -249,6 +318,9 @@ class KVEventPublisher(ManagerObserver):
             return
         try:
             payload = self._encode([time.time(), make_events(*args), self.dp_rank])
+            if self._replay_thread is not None:   # kept even if the send below drops it
+                with self._kept_lock:
+                    self._kept.append((self.sequence, payload))
             socket.send_multipart((self._topic, self.sequence.to_bytes(8, "big"), payload),
                                   flags=self._zmq.NOBLOCK)
         except Exception as e:   # never into the manager: count, log once
