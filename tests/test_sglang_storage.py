@@ -202,6 +202,48 @@ def test_mha_pages_are_per_model_and_tp_rank(tmp_path):
     assert [b.batch_exists(ks) for b in (b0, other_rank, other_model, other_tp)] == [2, 0, 0, 0]
 
 
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_clear_removes_this_backends_pages_and_nothing_else(tmp_path, kind):
+    """SGLang's storage clear (after a weight update): no page of this backend is served
+    again, new ones are stored as before; another rank's or model's pages, and a write
+    another process has in flight (its temporary file), stay."""
+    mla = kind == "mla"
+    host = host_pool(kind, "page_first", seed=3)
+    backend = attach(storage_config(tmp_path, mla=mla, tp_size=2), host)
+    other = attach(storage_config(tmp_path, mla=mla, tp_size=2, model="meta-llama/Llama-3.1-8B"),
+                   host_pool(kind, "page_first", seed=4))
+    rank1 = None if mla else attach(storage_config(tmp_path, tp_rank=1, tp_size=2),
+                                    host_pool(kind, "page_first", seed=5))
+    ks = keys(4)
+    for b in filter(None, (backend, other, rank1)):
+        assert b.batch_set_v1(ks, slots(host, [0, 1, 2, 3])) == [True] * 4
+    page_file = backend._store.page_path(ks[0])
+    temp = os.path.join(os.path.dirname(page_file), ".in-flight-write.tmp")
+    open(temp, "wb").close()
+    assert backend.clear() is True
+    assert backend.batch_exists(ks) == 0 and not os.path.exists(page_file)
+    host.kv_buffer.view(torch.uint8).fill_(POISON)
+    assert backend.batch_get_v1(ks, slots(host, [4, 5, 6, 7])) == [False] * 4
+    assert bool((host.kv_buffer.view(torch.uint8) == POISON).all()), "a cleared page was read"
+    assert os.path.exists(temp)
+    assert [b.batch_exists(ks) for b in filter(None, (other, rank1))] == [4] * (1 + (not mla))
+    assert backend.clear() is True                       # again: nothing left, no error
+    random_bytes_(host.kv_buffer, torch.Generator().manual_seed(6))
+    want = pages_of(host, [0, 1])
+    assert backend.batch_set_v1(ks[:2], slots(host, [0, 1])) == [True, True]
+    host.kv_buffer.view(torch.uint8).fill_(POISON)
+    assert backend.batch_get_v1(ks[:2], slots(host, [2, 3])) == [True, True]
+    assert_only_pages_changed(host, [2, 3], want)
+    for b in filter(None, (backend, other, rank1)):
+        b.close()
+
+
+def test_clear_before_the_host_pool_is_registered_is_refused_by_name(tmp_path):
+    backend = StorageBackendFactory.create_backend("dynamic", storage_config(tmp_path), host_pool())
+    with pytest.raises(RuntimeError, match="register_mem_pool_host"):
+        backend.clear()
+
+
 @pytest.mark.parametrize("kind,layout", [("mha", "page_head"), ("mla", "layer_first")])
 def test_generic_get_set_use_sglang_flat_pages(tmp_path, kind, layout):
     """SGLang without interface_v1 moves flat pages (get_data_page /

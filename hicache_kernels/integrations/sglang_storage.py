@@ -258,6 +258,17 @@ class HiCacheKernelsStorage(HiCacheStorage):
         return all(self.set(key, value) for key, value in zip(keys, values))
 
     # -- metrics ------------------------------------------------------------------
+    def clear(self) -> bool:
+        """SGLang's storage clear (``POST /hicache/storage-backend/clear``, e.g. after new
+        weights): remove every page of this backend's namespace and layout, so none
+        is served again. Other models' and ranks' pages stay. False when the store
+        is not open."""
+        store = self._ready()
+        if store is None:
+            return False
+        store.clear()
+        return True
+
     def get_stats(self):
         """SGLang's ``StorageMetrics`` since the last call: pages and GB/s per
         prefetch and per backup batch (recorded when SGLang's storage metrics

@@ -293,6 +293,26 @@ class NixlFileStore:
             self.close()
 
     # -- files -----------------------------------------------------------------
+    def clear(self) -> int:
+        """Remove every page of this store (its namespace and layout), and no other
+        file: another process's temporary files, other namespaces and layouts stay.
+        Returns how many pages were removed. A write finishing meanwhile may land
+        after it: clear when no write is in flight."""
+        removed = 0
+        for shard in _quiet_listdir(self.root):
+            folder = os.path.join(self.root, shard)
+            if not os.path.isdir(folder):
+                continue
+            for name in _quiet_listdir(folder):
+                if name.endswith(_SUFFIX):
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                        removed += 1
+                    except FileNotFoundError:   # another rank of an MLA model cleared it first
+                        pass
+        log.info("storage: cleared %d pages from %s", removed, self.root)
+        return removed
+
     def page_path(self, key: str) -> str:
         return os.path.join(self.root, key[:2], key + _SUFFIX)
 
@@ -433,6 +453,13 @@ def _quiet_fstat(fd: int) -> os.stat_result | None:
         return os.fstat(fd)
     except OSError:
         return None
+
+
+def _quiet_listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
 
 
 def _quiet(fn, *args, **kwargs) -> None:
