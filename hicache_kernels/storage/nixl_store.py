@@ -18,6 +18,7 @@ and the bad file is removed.
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
 import threading
@@ -299,17 +300,12 @@ class NixlFileStore:
         Returns how many pages were removed. A write finishing meanwhile may land
         after it: clear when no write is in flight."""
         removed = 0
-        for shard in _quiet_listdir(self.root):
-            folder = os.path.join(self.root, shard)
-            if not os.path.isdir(folder):
-                continue
-            for name in _quiet_listdir(folder):
-                if name.endswith(_SUFFIX):
-                    try:
-                        os.unlink(os.path.join(folder, name))
-                        removed += 1
-                    except FileNotFoundError:   # another rank of an MLA model cleared it first
-                        pass
+        for path in glob.glob(os.path.join(glob.escape(self.root), "*", "*" + _SUFFIX)):
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:   # another rank of an MLA model cleared it first
+                pass
         log.info("storage: cleared %d pages from %s", removed, self.root)
         return removed
 
@@ -453,13 +449,6 @@ def _quiet_fstat(fd: int) -> os.stat_result | None:
         return os.fstat(fd)
     except OSError:
         return None
-
-
-def _quiet_listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
 
 
 def _quiet(fn, *args, **kwargs) -> None:
