@@ -1212,10 +1212,11 @@ class HiCacheManager:
             written = []   # pages now in storage, not already announced there
             for e, ok in zip(op.entries, result):
                 if ok and op.kind == "store":
-                    # the page may have left the table and come back during the write:
-                    # storage holds the id once, whichever entry's write landed first
+                    # the page may have left the table and come back during the write
+                    # (``e`` then reads as absent): storage holds the id once, named by
+                    # whichever write landed first
                     current = self.table.get(e.page_id)
-                    if not (e.in_storage or (current is not None and current.in_storage)):
+                    if current is None or not current.in_storage:
                         written.append(e.page_id)
                     if current is not None:
                         current.in_storage = True
